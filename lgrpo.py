@@ -26,8 +26,13 @@ import dataclasses
 import json
 import math
 import os
+import importlib
 import random
+import re
+import shutil
 import sys
+import time
+from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -53,7 +58,8 @@ def _check_group_size(batch_size, group_size):
 
 
 def _check_rewards(rewards, group_size):
-    rewards = torch.as_tensor(rewards)
+    if not torch.is_tensor(rewards):  # Python floats are doubles: keep them so
+        rewards = torch.tensor(rewards, dtype=torch.float64)
     rewards = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
     if rewards.dim() != 1:
         raise ValueError(f"rewards must be 1-D, one number per completion (got shape "
@@ -154,7 +160,8 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, chunk_tok
     out = []
     for s in range(0, T, step):
         args = (logits[:, s:s + step], targets[:, s:s + step])
-        if torch.is_grad_enabled() and logits.requires_grad:
+        # Recomputing pays only when the float32 copy is new memory (bf16/fp16 logits).
+        if logits.requires_grad and logits.dtype not in (torch.float32, torch.float64):
             out.append(torch.utils.checkpoint.checkpoint(_logprobs_of, *args, use_reentrant=False))
         else:
             out.append(_logprobs_of(*args))
@@ -254,8 +261,9 @@ def build_trie(completions, rewards, eps=1e-4):
     advantages = group_advantages(rewards, len(completions), eps)
 
     def grow(node):
-        # Extend the span while every member continues with the same token.
-        while True:
+        # Extend the span while every member continues with the same token (not the root's:
+        # the prompt is shared by the whole group and is not a step).
+        while node.members and node is not root:
             nxt = [completions[k][node.end] if node.end < len(completions[k]) else None
                    for k in node.members]
             if None in nxt or len(set(nxt)) != 1:
@@ -271,10 +279,8 @@ def build_trie(completions, rewards, eps=1e-4):
         node.children = [grow(TrieNode([], node.end, node.end, ks)) for ks in branches.values()]
         return node
 
-    root = grow(TrieNode([], 0, 0, list(range(len(completions)))))
-    # The prompt is not a process step: its children are the first steps.
-    assert not root.tokens or len(completions) == 0
-    return root
+    root = TrieNode([], 0, 0, list(range(len(completions))))
+    return grow(root)
 
 
 def trie_steps(root):
@@ -329,6 +335,9 @@ def step_advantages(completion_ids, completion_mask, rewards, group_size, eps=1e
     also the mean of the members' outcome advantages a_k, which is how it is computed. 0 on padding.
     """
     in_set = _process_set_membership(completion_ids, completion_mask, group_size)
+    if len(rewards) != completion_ids.shape[0]:
+        raise ValueError(f"{len(rewards)} rewards for {completion_ids.shape[0]} completions: give one "
+                         "reward per row of completion_ids.")
     a = group_advantages(rewards, group_size, eps).view(-1, group_size)
     a = a.to(torch.promote_types(a.dtype, torch.float32))
     summed = torch.einsum("gikt,gk->git", in_set.to(a.dtype), a)
@@ -535,14 +544,664 @@ def verify():
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
+# 6. Training an LLM: one GRPO / λ-GRPO step, the reward, data, checkpoints (PAPER §7)
+# ─────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, completion_mask,
+                advantages, weights=None, old_logp=None, ref_logp=None, updates_per_batch=1,
+                micro_batch_size=None, clip_eps=0.2, beta=0.0, aggregation="token", max_grad_norm=1.0):
+    """μ = `updates_per_batch` optimizer steps on one batch of groups (PAPER §1).
+
+    λ-GRPO when `weights` are `lambda_weights`, GRPO when None. Each micro-batch's loss is scaled
+    by its share of the batch's normalizer (tokens for "token", completions for "sequence"), so
+    gradient accumulation gives exactly the full-batch gradient. `old_logp` is needed when μ > 1
+    (with μ = 1 it is logp itself, detached); `ref_logp` when β > 0. Returns tensor statistics.
+    """
+    B = input_ids.shape[0]
+    mb = micro_batch_size or B
+    if updates_per_batch > 1 and old_logp is None:
+        raise ValueError("updates_per_batch > 1 needs old_logp, the sampling policy's log-probs.")
+    norm = completion_mask.sum().clamp(min=1) if aggregation == "token" else B
+    pick = lambda x, s: None if x is None else x[s:s + mb]
+    totals = {"loss": 0.0, "clip_frac": 0.0}
+    for _ in range(updates_per_batch):
+        for s in range(0, B, mb):
+            mask = completion_mask[s:s + mb]
+            logp = token_logprobs(model, input_ids[s:s + mb], attention_mask[s:s + mb], completion_start)
+            old = logp.detach() if old_logp is None else old_logp[s:s + mb]
+            loss = policy_loss(logp, old, pick(ref_logp, s), advantages[s:s + mb], mask,
+                               pick(weights, s), clip_eps, beta, aggregation)
+            share = (mask.sum() if aggregation == "token" else mask.shape[0]) / norm
+            (loss * share).backward()
+            with torch.no_grad():
+                A = advantages[s:s + mb]
+                A = A[:, None] if A.dim() == 1 else A
+                ratio = torch.exp(logp.detach() - old)
+                clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))
+                totals["loss"] += loss.detach() * share / updates_per_batch
+                totals["clip_frac"] += (clipped & mask.bool()).sum() / completion_mask.sum().clamp(min=1) / updates_per_batch
+        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+    return totals
+
+
+# The reward: exact match of the final answer. Model output is parsed, never evaluated.
+_BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
+# A number in prose: a minus sign not right after a digit ("3-5" is 5), thousands commas,
+# decimals, or a fraction a/b.
+_NUMBER = re.compile(r"(?<!\d)-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
+_DECIMAL = r"-?(?:\d+(?:\.\d+)?|\.\d+)"
+
+
+def _closing_brace(text, open_index):
+    """Index of the `}` that closes the `{` at `open_index`, or None."""
+    depth = 0
+    for i in range(open_index, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i
+    return None
+
+
+def last_boxed(text):
+    """The content of the last complete \\boxed{...} (nested braces allowed), or None.
+
+    An unclosed box (a generation cut off mid-answer) is skipped for an earlier complete one."""
+    for match in reversed(list(_BOX_OPEN.finditer(text))):
+        end = _closing_brace(text, match.end() - 1)
+        if end is not None:
+            return text[match.end():end]
+    return None
+
+
+def boxed_closed(text):
+    """True once the first \\boxed{ has its closing brace (the authors' stopping rule, PAPER §7)."""
+    match = _BOX_OPEN.search(text)
+    return match is not None and _closing_brace(text, match.end() - 1) is not None
+
+
+def extract_answer(text):
+    """The final answer: the last complete box, else the last number, else None."""
+    boxed = last_boxed(text)
+    if boxed is not None:
+        return boxed
+    numbers = _NUMBER.findall(text)
+    return numbers[-1] if numbers else None
+
+
+def normalize_answer(s):
+    """A canonical string: formatting stripped; numbers as exact reduced fractions, so that
+    "0.5", "1/2" and "\\frac{1}{2}" all read "1/2", and "2.00" reads "2"."""
+    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
+    for junk in ("\\left", "\\right", "^{\\circ}", "^\\circ", "\u00b0", "\\$", "$", "\\%", "%",
+                 "\\!", "\\,", "\\;"):
+        s = s.replace(junk, "")
+    s = re.sub(r"\s+", "", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")).rstrip(".")
+    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # one number with thousands commas;
+        s = s.replace(",", "")                              # a tuple "(1,234)" keeps its comma
+    try:
+        if re.fullmatch(_DECIMAL, s) or re.fullmatch(r"-?\d+/\d+", s):
+            return str(Fraction(s))
+        frac = re.fullmatch(rf"(-?)\\frac\{{({_DECIMAL})\}}\{{({_DECIMAL})\}}", s)
+        if frac:
+            value = Fraction(frac.group(2)) / Fraction(frac.group(3))
+            return str(-value if frac.group(1) else value)
+    except (ValueError, ZeroDivisionError):  # 1/0, or too many digits for int()
+        pass
+    return s
+
+
+def reference_answer(reference):
+    """The answer part of a solution: after the last "####" (GSM8K), else its last box
+    (MATH-style, OpenRS), else the whole string."""
+    if "####" in reference:
+        return reference.rsplit("####", 1)[1].strip()
+    boxed = last_boxed(reference)
+    return boxed if boxed is not None else reference.strip()
+
+
+def math_reward(completion, reference):
+    """1.0 if the completion's final answer equals the reference's after normalization, else 0.0."""
+    predicted = extract_answer(completion)
+    predicted = normalize_answer(predicted) if predicted is not None else ""
+    return float(bool(predicted) and predicted == normalize_answer(reference_answer(reference)))
+
+
+def load_reward(spec):
+    """`module:function` → f(completion_text, reference) -> float; None → math_reward."""
+    if spec is None:
+        return math_reward
+    module, _, name = spec.partition(":")
+    if not name:
+        raise ValueError(f"--reward {spec!r}: write it as module:function, e.g. my_rewards:score.")
+    return getattr(importlib.import_module(module), name)
+
+
+FIELD_GUESSES = {"prompt": ["question", "problem", "prompt"], "answer": ["answer", "solution"]}
+
+
+def load_problems(args):
+    """(train, eval) lists of (question, reference) from a hub dataset or a local file."""
+    import datasets
+    local = os.path.splitext(args.dataset)[1].lower()
+    formats = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if os.path.exists(args.dataset):
+        if local not in formats:
+            raise ValueError(f"--dataset {args.dataset}: use a .jsonl, .json, .csv or .parquet file.")
+        data = datasets.load_dataset(formats[local], data_files=args.dataset)
+    else:
+        data = datasets.load_dataset(args.dataset, args.dataset_config)
+    train_split = data[args.train_split]
+    columns = train_split.column_names
+    fields = {}
+    for kind, given in (("prompt", args.prompt_field), ("answer", args.answer_field)):
+        name = given or next((c for c in FIELD_GUESSES[kind] if c in columns), None)
+        if name not in columns:
+            raise ValueError(f"no {kind} field {name!r} in {args.dataset}; its columns are {columns}: "
+                             f"pass --{kind}-field with one of them.")
+        fields[kind] = name
+    if args.eval_split:
+        evaluation = data[args.eval_split]
+    elif args.eval_fraction > 0:
+        parts = train_split.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train_split, evaluation = parts["train"], parts["test"]
+    else:
+        evaluation = train_split.select([])
+    rows = lambda d: list(zip(d[fields["prompt"]], map(str, d[fields["answer"]])))
+    return rows(train_split), rows(evaluation)
+
+
+def chat_prompts(tokenizer, questions, system_prompt):
+    """The tokenizer's chat template when it has one, plain text otherwise."""
+    if getattr(tokenizer, "chat_template", None):
+        return [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
+                                               {"role": "user", "content": q}],
+                                              tokenize=False, add_generation_prompt=True)
+                for q in questions]
+    return [f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n" for q in questions]
+
+
+class StopWhenBoxed:
+    """Stopping criterion: a row is done once its first \\boxed{...} closes (PAPER §7)."""
+
+    def __init__(self, tokenizer, prompt_len):
+        self.tokenizer, self.prompt_len = tokenizer, prompt_len
+
+    def __call__(self, input_ids, scores, **kwargs):
+        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
+        for row, ids in enumerate(input_ids):
+            # Only a new "}" can close the box: decode the whole completion only then.
+            if "}" in self.tokenizer.decode(ids[-1:]):
+                done[row] = boxed_closed(self.tokenizer.decode(ids[self.prompt_len:]))
+        return done
+
+
+def boxed_lengths(tokenizer, completion_ids):
+    """Per row, the number of tokens up to where the first box closed (generate pads after it),
+    or the full width where it never closed. Binary search: the box stays closed once closed."""
+    T = completion_ids.shape[1]
+    lengths = []
+    for ids in completion_ids.tolist():
+        lo, hi = 1, T + 1
+        while lo < hi:
+            mid = (lo + hi) // 2
+            lo, hi = (lo, mid) if boxed_closed(tokenizer.decode(ids[:mid])) else (mid + 1, hi)
+        lengths.append(min(lo, T))
+    return torch.tensor(lengths, device=completion_ids.device)
+
+
+def load_causal_lm(name_or_path, dtype, device, trust_remote_code=False):
+    """AutoModelForCausalLM with every dropout rate set to 0: with dropout, two forward passes of
+    the same weights differ and the ratio P would not be exactly 1 at μ = 1."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+    dtype_key = "dtype" if int(transformers_version().split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code,
+                                                 **{dtype_key: dtype})
+    return model.to(device)
+
+
+def transformers_version():
+    import transformers
+    return transformers.__version__
+
+
+def checkpoint_dirs(output_dir):
+    """Finished checkpoints under `output_dir`, oldest first."""
+    names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
+    steps = sorted(int(n.split("-")[1]) for n in names if re.fullmatch(r"checkpoint-\d+", n))
+    return [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
+
+
+def save_checkpoint(output_dir, step, model, tokenizer, optimizer, args):
+    """Model, tokenizer and trainer state, written to a temporary folder and then renamed, so that
+    a crash mid-write never leaves a checkpoint that looks complete."""
+    final = os.path.join(output_dir, f"checkpoint-{step}")
+    tmp = os.path.join(output_dir, f".tmp-checkpoint-{step}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    state = {"step": step, "optimizer": optimizer.state_dict(), "args": vars(args),
+             "torch_rng": torch.get_rng_state(),
+             "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []}
+    torch.save(state, os.path.join(tmp, "trainer_state.pt"))
+    shutil.rmtree(final, ignore_errors=True)
+    os.replace(tmp, final)
+
+
+def evaluate(model, tokenizer, problems, reward_fn, args, device):
+    """Mean reward of greedy completions on held-out problems (accuracy, for the math reward)."""
+    model.eval()
+    total, width = 0.0, args.generation_batch_size or args.prompts_per_step * args.group_size
+    for s in range(0, len(problems), width):
+        batch = problems[s:s + width]
+        enc = tokenizer(chat_prompts(tokenizer, [q for q, _ in batch], args.system_prompt),
+                        return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        total += sum(reward_fn(t, ref) for t, (_, ref) in zip(texts, batch))
+    return total / max(1, len(problems))
+
+
+def step_problems(problems, step, k, seed):
+    """The k problems of a step: consecutive slices of a seeded shuffle per epoch, a function of
+    the step alone, so that a resumed run sees the same data."""
+    out = []
+    for j in range(step * k, (step + 1) * k):
+        epoch, pos = divmod(j, len(problems))
+        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed + epoch))
+        out.append(problems[order[pos]])
+    return out
+
+
+def train(args):
+    """GRPO / λ-GRPO on a causal LM and a math dataset (PAPER §7). Writes metrics.jsonl and checkpoints."""
+    from tqdm import tqdm
+    from transformers import AutoTokenizer, StoppingCriteriaList
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
+             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    resume_from = None
+    if args.resume:
+        found = checkpoint_dirs(args.output_dir)
+        if not found:
+            raise ValueError(f"--resume: no checkpoint-N folder in {args.output_dir}; run without --resume "
+                             "to start, with --save-every N to write checkpoints.")
+        resume_from = found[-1]
+    reward_fn = load_reward(args.reward)
+    train_rows, eval_rows = load_problems(args)
+
+    tokenizer = AutoTokenizer.from_pretrained(resume_from or args.model, trust_remote_code=args.trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # safe: masks come from the first EOS, never from pad ids
+        tokenizer.pad_token = tokenizer.eos_token
+    model = load_causal_lm(args.model if args.lora_r else resume_from or args.model, dtype, device,
+                           args.trust_remote_code)
+    if args.lora_r:
+        try:
+            import peft
+        except ImportError:
+            raise ValueError("--lora-r needs the peft package: pip install peft (or drop --lora-r).") from None
+        if resume_from:
+            model = peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        else:  # LoRA dropout stays 0 for the same reason as the model's dropout
+            model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
+                                                               lora_dropout=0.0, target_modules="all-linear",
+                                                               task_type="CAUSAL_LM"))
+    reference = None
+    if args.beta > 0 and not args.lora_r:  # with LoRA the reference is the base model, adapters off
+        reference = load_causal_lm(args.model, dtype, device, args.trust_remote_code).eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, foreach=True,
+                                  weight_decay=args.weight_decay)
+    start = 0
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    if resume_from:
+        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
+        optimizer.load_state_dict(state["optimizer"])
+        torch.set_rng_state(state["torch_rng"])
+        if state["cuda_rng"]:
+            torch.cuda.set_rng_state_all(state["cuda_rng"])
+        start = state["step"]
+        # Rows logged after the checkpoint belong to the lost part of the run.
+        with open(metrics_path) as f:
+            rows = [line for line in f if json.loads(line)["step"] <= start]
+        with open(metrics_path, "w") as f:
+            f.writelines(rows)
+    elif os.path.exists(metrics_path):
+        os.remove(metrics_path)
+
+    eos_ids = {tokenizer.eos_token_id} | set(torch.tensor(model.generation_config.eos_token_id or []).view(-1).tolist())
+    G = args.group_size
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.loss}")
+    for step in bar:
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        # 1. Rollouts: G completions per prompt.
+        problems = step_problems(train_rows, step, args.prompts_per_step, args.seed)
+        enc = tokenizer(chat_prompts(tokenizer, [q for q, _ in problems], args.system_prompt),
+                        return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        P = enc["input_ids"].shape[1]
+        model.eval()
+        stop = StoppingCriteriaList([StopWhenBoxed(tokenizer, P)]) if args.stop_at_boxed else None
+        completion_ids = sample_completions(
+            model, enc["input_ids"], enc["attention_mask"], G, batch_size=args.generation_batch_size,
+            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids), max_new_tokens=args.max_new_tokens,
+            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, repetition_penalty=1.0,
+            stopping_criteria=stop)
+        mask, truncated = completion_mask(completion_ids, eos_ids,
+                                          boxed_lengths(tokenizer, completion_ids) if args.stop_at_boxed else None)
+        t1 = time.perf_counter()
+        # 2. Score: rewards, advantages, λ weights, and the log-probs the update compares against.
+        texts = tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
+                                       skip_special_tokens=True)
+        rewards = torch.tensor([float(reward_fn(t, ref)) for t, (_, ref) in
+                                zip(texts, [p for p in problems for _ in range(G)])], device=device)
+        advantages = group_advantages(rewards, G, args.adv_eps)
+        weights = lambda_weights(completion_ids, mask, G) if args.loss == "lambda" else None
+        input_ids = torch.cat([enc["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
+        attention = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask], 1)
+        mb = args.micro_batch_size
+        scored = lambda m: torch.cat([token_logprobs(m, input_ids[s:s + mb], attention[s:s + mb], P)
+                                      for s in range(0, input_ids.shape[0], mb)])
+        with torch.no_grad():
+            old_logp = scored(model) if args.updates_per_batch > 1 else None
+            if args.beta > 0 and reference is None:
+                with model.disable_adapter():
+                    ref_logp = scored(model)
+            else:
+                ref_logp = scored(reference) if args.beta > 0 else None
+        t2 = time.perf_counter()
+        # 3. Update: μ optimizer steps on the batch.
+        model.train()
+        stats = grpo_update(model, optimizer, input_ids, attention, P, mask, advantages, weights, old_logp,
+                            ref_logp, args.updates_per_batch, mb, args.clip_eps, args.beta, args.aggregation,
+                            args.max_grad_norm)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        kl = None
+        if ref_logp is not None:
+            with torch.no_grad():  # k3 KL of the sampling policy against the reference
+                d = (ref_logp - (old_logp if old_logp is not None else scored(model)))[mask.bool()]
+                kl = (torch.exp(d) - d - 1).mean().item()
+        row = {"step": step + 1, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
+               "loss": float(stats["loss"]), "kl": kl, "clip_frac": float(stats["clip_frac"]),
+               "grad_norm": float(stats["grad_norm"]),
+               "completion_len": mask.sum(1).double().mean().item(), "truncated_frac": truncated.double().mean().item(),
+               "zero_std_frac": (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).double().mean().item(),
+               **trie_stats(completion_ids, mask, G),
+               "tokens_per_s": mask.sum().item() / (t3 - t0), "time_gen": t1 - t0, "time_score": t2 - t1,
+               "time_update": t3 - t2, "peak_mem_mb": peak_memory_mb(device)}
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            row_eval = {"step": step + 1, "eval_accuracy": evaluate(model, tokenizer, eval_rows[:args.eval_size],
+                                                                    reward_fn, args, device)}
+            tqdm.write(f"step {step + 1}: eval accuracy {row_eval['eval_accuracy']:.4f}")
+        with open(metrics_path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+            if args.eval_every and (step + 1) % args.eval_every == 0:
+                f.write(json.dumps(row_eval) + "\n")
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args.output_dir, step + 1, model, tokenizer, optimizer, args)
+    return model
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource  # CPU: the process's peak resident memory
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────
+# 7. The toy task: a depth-4 binary tree (PAPER §6, Table 1)
+# ─────────────────────────────────────────────────────────────────────────────────────────────
+
+TOY_DEPTH = 4
+PAPER_TABLE1 = {  # (n, r_neg): (GRPO, λ-GRPO, Δ) as the paper reports them
+    (1, -0.5): (0.3995, 0.5663, 0.1668), (1, -1.0): (0.0000, 0.7535, 0.7535),
+    (1, -1.5): (0.2000, 0.4463, 0.2463), (2, -0.5): (0.1980, 0.4292, 0.2312),
+    (2, -1.0): (0.0488, 0.3612, 0.3125), (2, -1.5): (0.0000, 0.3820, 0.3820)}
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
+         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
+         2.052, 2.048, 2.045, 2.042]  # Student-t 97.5% quantiles, 1…30 degrees of freedom
+
+
+def tree_rewards(paths, target, n, r_neg):
+    """The toy's outcome reward: 1.0 for the target path T, r_neg for every other path that shares
+    T's first n tokens (a trap: T's own prefix looks bad on average), 0.7 for all the rest."""
+    hit = (paths == target).all(1)
+    trap = (paths[:, :n] == target[:n]).all(1)
+    return torch.where(hit, 1.0, torch.where(trap, r_neg, 0.7))
+
+
+class AllowTokens:
+    """Logits processor: sample only the given tokens (the toy's L and R)."""
+
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+
+    def __call__(self, input_ids, scores):
+        keep = torch.full_like(scores, -math.inf)
+        keep[:, self.token_ids] = 0
+        return scores + keep
+
+
+def toy_policy(name_or_path, seed):
+    """(model, start token, [L, R] token ids): a random-init 1-layer GPT-2 over {<s>, L, R} by
+    default, or a pretrained causal LM whose tokens "L" and "R" are the two actions."""
+    if name_or_path is None:
+        return tiny_gpt2(vocab_size=3, n_layer=1, n_embd=64, n_head=2, n_positions=8, seed=seed), 0, [1, 2]
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    actions = [tokenizer.convert_tokens_to_ids(t) for t in ("L", "R")]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return load_causal_lm(name_or_path, torch.float32, "cpu").eval(), start, actions
+
+
+def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None):
+    """One training run on the tree; returns the per-step frequency of the target path.
+
+    The toy goes through the LLM pipeline: sample_completions → group_advantages → lambda_weights
+    → grpo_update (μ = 1, β = 0, token aggregation).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic whatever the number of worker processes
+    try:
+        seed_everything(seed)
+        model, start, actions = toy_policy(toy_model, seed)
+        # The target depends on the seed only: GRPO and λ-GRPO face the same tree.
+        target = torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=torch.Generator().manual_seed(seed))]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+        prompt = torch.tensor([[start]])
+        frequency = []
+        for _ in range(steps):
+            paths = sample_completions(model, prompt, torch.ones_like(prompt), group_size,
+                                       max_new_tokens=TOY_DEPTH, min_new_tokens=TOY_DEPTH, eos_token_id=None,
+                                       temperature=temperature, top_k=0, top_p=1.0,
+                                       logits_processor=[AllowTokens(actions)])
+            mask = torch.ones_like(paths)
+            rewards = tree_rewards(paths, target, n, r_neg)
+            weights = lambda_weights(paths, mask, group_size) if loss == "lambda" else None
+            grpo_update(model, optimizer, torch.cat([prompt.expand(group_size, -1), paths], 1),
+                        torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long), 1, mask,
+                        group_advantages(rewards, group_size), weights)
+            frequency.append((paths == target).all(1).double().mean().item())
+        return frequency
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _toy_job(job):
+    return toy_run(**job)
+
+
+def mean_ci95(xs):
+    """Mean and half-width of a Student-t 95% confidence interval over seeds."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, math.nan
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    t = T_975[len(xs) - 2] if len(xs) - 1 <= len(T_975) else 1.96
+    return m, t * sd / math.sqrt(len(xs))
+
+
+def toy_sweep(args):
+    """Table 1: every (n, r_neg) cell × {GRPO, λ-GRPO} × seeds, in parallel worker processes."""
+    import multiprocessing
+    from tqdm import tqdm
+    cells = [(n, r) for n in args.n for r in args.r_neg]
+    jobs = [dict(n=n, r_neg=r, loss=loss, seed=seed, steps=args.steps, group_size=args.group_size, lr=args.lr,
+                 temperature=args.temperature, toy_model=args.toy_model)
+            for n, r in cells for loss in ("grpo", "lambda") for seed in range(args.seed, args.seed + args.seeds)]
+    workers = min(args.workers or os.cpu_count(), len(jobs))
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            curves = list(tqdm(pool.imap(_toy_job, jobs), total=len(jobs), desc="toy runs"))
+    else:
+        curves = [toy_run(**job) for job in tqdm(jobs, desc="toy runs")]
+    last = min(50, args.steps)
+    result = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "cells": []}
+    for n, r in cells:
+        cell = {"n": n, "r_neg": r}
+        for loss in ("grpo", "lambda"):
+            runs = [c for job, c in zip(jobs, curves) if (job["n"], job["r_neg"], job["loss"]) == (n, r, loss)]
+            per_seed = [sum(c[-last:]) / last for c in runs]
+            mean, ci = mean_ci95(per_seed)
+            cell[loss] = {"mean": mean, "ci95": ci, "per_seed": per_seed,
+                          "curve": [sum(step) / len(runs) for step in zip(*runs)]}
+        result["cells"].append(cell)
+    print(format_table1(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+def format_table1(result):
+    """Our Table 1 beside the paper's."""
+    lines = [f"{'n':>2} {'r_neg':>6} | {'GRPO':>15} {'λ-GRPO':>15} {'Δ':>7} | paper: {'GRPO':>6} {'λ-GRPO':>6} {'Δ':>6}"]
+    for cell in result["cells"]:
+        g, l = cell["grpo"], cell["lambda"]
+        paper = PAPER_TABLE1.get((cell["n"], cell["r_neg"]))
+        paper = " ".join(f"{x:6.4f}" for x in paper) if paper else "     -      -      -"
+        lines.append(f"{cell['n']:>2} {cell['r_neg']:>6} | {g['mean']:6.4f} ± {g['ci95']:6.4f} "
+                     f"{l['mean']:6.4f} ± {l['ci95']:6.4f} {l['mean'] - g['mean']:+7.4f} |        {paper}")
+    mean = lambda key: sum(c[key]["mean"] for c in result["cells"]) / len(result["cells"])
+    wins = sum(c["lambda"]["mean"] > c["grpo"]["mean"] for c in result["cells"])
+    lines.append(f"mean over cells: GRPO {mean('grpo'):.4f}, λ-GRPO {mean('lambda'):.4f}, "
+                 f"Δ {mean('lambda') - mean('grpo'):+.4f}; λ-GRPO ahead in {wins} of {len(result['cells'])} cells")
+    return "\n".join(lines)
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────
 # 9. Command line
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
+SYSTEM_PROMPT = "Let's think step by step and output the final answer within \\boxed{}."
+
+
+def build_parser():
+    """Every hyperparameter, with the paper's value as default where the paper gives one."""
+    p = argparse.ArgumentParser(description="λ-GRPO (Sullivan & Koller, arXiv:2509.21154). "
+                                "With no command: the toy experiment of Table 1.")
+    sub = p.add_subparsers(dest="command")
+
+    toy = sub.add_parser("toy", help="reproduce Table 1 on the binary-tree toy (the default command)")
+    toy.add_argument("--n", type=int, nargs="+", default=[1, 2], help="prefix lengths n (paper: 1 2)")
+    toy.add_argument("--r-neg", type=float, nargs="+", default=[-0.5, -1.0, -1.5],
+                     help="rewards of the paths that share T's first n tokens (paper: -0.5 -1.0 -1.5)")
+    toy.add_argument("--seeds", type=int, default=5, help="seeds per configuration (paper: 5)")
+    toy.add_argument("--seed", type=int, default=0, help="first seed")
+    toy.add_argument("--steps", type=int, default=250, help="training steps per run (paper: 250)")
+    toy.add_argument("--group-size", type=int, default=16, help="completions per group (paper: 16)")
+    toy.add_argument("--lr", type=float, default=1e-3,
+                     help="AdamW learning rate (the paper does not give one; see the README's study)")
+    toy.add_argument("--temperature", type=float, default=1.0,
+                     help="sampling temperature (the paper does not give one; see the README's study)")
+    toy.add_argument("--toy-model", default=None,
+                     help="pretrained causal LM (hub id or path; the paper: gpt2) instead of the random-init "
+                          "1-layer GPT-2; all tokens but 'L' and 'R' are masked when sampling")
+    toy.add_argument("--workers", type=int, default=0, help="parallel processes (0: all cores)")
+    toy.add_argument("--json", default=None, help="write config, per-cell results and curves to this file")
+
+    sub.add_parser("verify", help="check Theorem 1 and the worked example numerically")
+
+    tr = sub.add_parser("train", help="GRPO / λ-GRPO on a causal LM and a math dataset")
+    tr.add_argument("--model", required=True, help="hub id or local path (AutoModelForCausalLM)")
+    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="auto: bfloat16 on a GPU, float32 on a CPU")
+    tr.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    tr.add_argument("--dataset", required=True,
+                    help="hub name (openai/gsm8k, knoveleng/open-rs) or a .jsonl/.json/.csv/.parquet file")
+    tr.add_argument("--dataset-config", default=None, help="hub dataset config (gsm8k: main)")
+    tr.add_argument("--train-split", default="train", help="split to train on")
+    tr.add_argument("--eval-split", default=None, help="held-out split for --eval-every")
+    tr.add_argument("--eval-fraction", type=float, default=0.0,
+                    help="hold out this share of the train split instead of --eval-split")
+    tr.add_argument("--prompt-field", default=None, help="question column (auto: question, problem, prompt)")
+    tr.add_argument("--answer-field", default=None, help="answer column (auto: answer, solution)")
+    tr.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system prompt (the authors')")
+    tr.add_argument("--reward", default=None,
+                    help="module:function, f(completion_text, reference) -> float (default: exact match "
+                         "of the final answer)")
+    tr.add_argument("--loss", default="lambda", choices=["lambda", "grpo"], help="λ-GRPO or GRPO")
+    tr.add_argument("--aggregation", default="token", choices=["token", "sequence"],
+                    help="token: sum over all tokens / their number (the paper's); sequence: mean of means")
+    tr.add_argument("--group-size", type=int, default=6, help="completions per prompt (paper: 6)")
+    tr.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step (paper: 4)")
+    tr.add_argument("--steps", type=int, default=1000, help="training steps")
+    tr.add_argument("--temperature", type=float, default=0.75, help="sampling temperature (paper: 0.75)")
+    tr.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (paper: 1.0)")
+    tr.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (paper: 0)")
+    tr.add_argument("--max-new-tokens", type=int, default=1200, help="completion length limit (paper: 1200)")
+    tr.add_argument("--generation-batch-size", type=int, default=None,
+                    help="rows per generate call (default: the whole step's prompts × group size)")
+    tr.add_argument("--stop-at-boxed", action=argparse.BooleanOptionalAction, default=True,
+                    help="stop a completion once its \\boxed{...} closes (the authors' setting)")
+    tr.add_argument("--updates-per-batch", type=int, default=1,
+                    help="μ, optimizer steps per batch; > 1 brings in old log-probs and clipping (paper: 1)")
+    tr.add_argument("--clip-eps", type=float, default=0.2, help="ε of the clipped ratio (paper: 0.2)")
+    tr.add_argument("--beta", type=float, default=0.0, help="KL coefficient β (paper: 0 or 0.04)")
+    tr.add_argument("--adv-eps", type=float, default=1e-4, help="ε added to the group std (paper: 1e-4)")
+    tr.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward pass")
+    tr.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
+    tr.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (paper: 1e-6)")
+    tr.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
+    tr.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
+    tr.add_argument("--lora-r", type=int, default=0, help="LoRA rank, 0 = full fine-tuning (paper: 64; needs peft)")
+    tr.add_argument("--lora-alpha", type=int, default=128, help="LoRA alpha (paper: 128)")
+    tr.add_argument("--seed", type=int, default=0, help="random seed")
+    tr.add_argument("--output-dir", default="runs/lgrpo", help="metrics.jsonl and checkpoint-N folders")
+    tr.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
+    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
+    tr.add_argument("--eval-every", type=int, default=0, help="greedy eval accuracy every N steps (0: never)")
+    tr.add_argument("--eval-size", type=int, default=100, help="held-out problems per eval")
+    return p
+
+
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else argv
-    if argv and argv[0] == "verify":
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
+        argv = ["toy"] + argv
+    args = build_parser().parse_args(argv)
+    if args.command == "verify":
         sys.exit(1 if verify() else 0)
+    if args.command == "toy":
+        toy_sweep(args)
+    elif args.command == "train":
+        train(args)
 
 
 if __name__ == "__main__":

@@ -1,0 +1,1065 @@
+"""Tests for lgrpo.py (λ-GRPO, Sullivan & Koller, arXiv:2509.21154).
+
+The tests are written from the written spec and the paper's definitions (shared/PAPER.md),
+independently of the implementation.
+"""
+
+# =====================================================================================
+# --- core (issue 2) ---
+# =====================================================================================
+import math
+import random
+import re
+import subprocess
+import sys
+import warnings
+from pathlib import Path
+
+import pytest
+import torch
+
+import lgrpo
+
+# The CLI test carries a `cli` marker; keep pytest quiet if no config registers it.
+warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
+
+REPO_DIR = Path(__file__).resolve().parent
+
+# ---- the paper's worked example (PAPER.md §4) --------------------------------------
+WE_COMPLETIONS = ["ABCD", "ABEFHI", "JKLM", "JKLNQST", "JKLNQU", "VWYZ"]
+WE_REWARDS = [0.5, 0.5, 1.0, 0.0, 0.0, 0.5]
+WE_LETTERS = "ABCDEFHIJKLMNQSTUVWYZ"
+WE_ID = {c: i for i, c in enumerate(WE_LETTERS)}
+# exact values (sample std, eps = 0)
+WE_MEAN = 5.0 / 12.0
+WE_STD = math.sqrt(102.0 / 144.0 / 5.0)  # deviations 1,1,7,-5,-5,1 (/12) -> sum sq = 102/144
+# the table: step tokens -> (0-based members, |λ|, R̂, A rounded to 4 decimals)
+WE_STEPS = {
+    "AB": ([0, 1], 2, 0.5, +0.2214),
+    "CD": ([0], 1, 0.5, +0.2214),
+    "EFHI": ([1], 1, 0.5, +0.2214),
+    "JKL": ([2, 3, 4], 3, 1.0 / 3.0, -0.2214),
+    "M": ([2], 1, 1.0, +1.5498),
+    "NQ": ([3, 4], 2, 0.0, -1.1070),
+    "ST": ([3], 1, 0.0, -1.1070),
+    "U": ([4], 1, 0.0, -1.1070),
+    "VWYZ": ([5], 1, 0.5, +0.2214),
+}
+# per token |λ| straight from the table
+WE_SIZES = [
+    [2, 2, 1, 1],
+    [2, 2, 1, 1, 1, 1],
+    [3, 3, 3, 1],
+    [3, 3, 3, 2, 2, 1, 1],
+    [3, 3, 3, 2, 2, 1],
+    [1, 1, 1, 1],
+]
+# per token: which step of the table the token lies in
+WE_TOKEN_STEPS = [
+    ["AB", "AB", "CD", "CD"],
+    ["AB", "AB", "EFHI", "EFHI", "EFHI", "EFHI"],
+    ["JKL", "JKL", "JKL", "M"],
+    ["JKL", "JKL", "JKL", "NQ", "NQ", "ST", "ST"],
+    ["JKL", "JKL", "JKL", "NQ", "NQ", "U"],
+    ["VWYZ"] * 4,
+]
+
+
+def pad_batch(completions, T=None, pad_fill=0):
+    """Right-pad token lists into (ids LongTensor [B, T], mask LongTensor [B, T]).
+
+    pad_fill: an int (every pad position gets that id) or a callable () -> int.
+    """
+    if T is None:
+        T = max([len(c) for c in completions] + [1])
+    B = len(completions)
+    ids = torch.zeros(B, T, dtype=torch.long)
+    mask = torch.zeros(B, T, dtype=torch.long)
+    for i, c in enumerate(completions):
+        for t in range(T):
+            if t < len(c):
+                ids[i, t] = c[t]
+                mask[i, t] = 1
+            else:
+                ids[i, t] = pad_fill() if callable(pad_fill) else pad_fill
+    return ids, mask
+
+
+def we_batch(pad_fill=0):
+    comps = [[WE_ID[ch] for ch in s] for s in WE_COMPLETIONS]
+    ids, mask = pad_batch(comps, pad_fill=pad_fill)
+    return comps, ids, mask, torch.tensor(WE_REWARDS, dtype=torch.float64)
+
+
+# ---- brute-force oracles, written straight from the definitions --------------------
+def oracle_sizes(comps, group_size, T):
+    """|λ^(i,t)| = #{k in i's group : len(y_k) >= t+1 and y_k[:t+1] == y_i[:t+1]}."""
+    B = len(comps)
+    out = [[0] * T for _ in range(B)]
+    for i in range(B):
+        g = i // group_size
+        for t in range(len(comps[i])):
+            n = 0
+            for k in range(g * group_size, (g + 1) * group_size):
+                if len(comps[k]) >= t + 1 and comps[k][: t + 1] == comps[i][: t + 1]:
+                    n += 1
+            out[i][t] = n
+    return out
+
+
+def oracle_group_stats(rewards, group_size, g):
+    rs = [float(x) for x in rewards[g * group_size:(g + 1) * group_size]]
+    mean = sum(rs) / len(rs)
+    std = math.sqrt(sum((x - mean) ** 2 for x in rs) / (len(rs) - 1))
+    all_equal = all(x == rs[0] for x in rs)
+    return mean, std, all_equal
+
+
+def oracle_outcome_adv(rewards, group_size, eps=1e-4):
+    out = []
+    for i, r in enumerate(rewards):
+        mean, std, all_equal = oracle_group_stats(rewards, group_size, i // group_size)
+        out.append(0.0 if all_equal else (float(r) - mean) / (std + eps))
+    return out
+
+
+def oracle_step_adv(comps, rewards, group_size, T, eps=1e-4):
+    """A_{i,t} = (mean of r_k over λ^(i,t) - mean(r_group)) / (std(r_group) + eps)."""
+    B = len(comps)
+    out = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        g = i // group_size
+        mean, std, all_equal = oracle_group_stats(rewards, group_size, g)
+        for t in range(len(comps[i])):
+            members = [
+                k for k in range(g * group_size, (g + 1) * group_size)
+                if len(comps[k]) >= t + 1 and comps[k][: t + 1] == comps[i][: t + 1]
+            ]
+            r_hat = sum(float(rewards[k]) for k in members) / len(members)
+            out[i][t] = 0.0 if all_equal else (r_hat - mean) / (std + eps)
+    return out
+
+
+def oracle_trie_stats(comps, group_size):
+    """path depth / intermediate proportion / flat fraction from brute-force |λ|.
+
+    Along a completion the process set can only shrink, so a new process step starts exactly
+    where |λ| changes: depth = 1 + #{t >= 1 : |λ(i,t)| != |λ(i,t-1)|}.
+    """
+    T = max([len(c) for c in comps] + [1])
+    sizes = oracle_sizes(comps, group_size, T)
+    depths, props, flats = [], [], []
+    for g in range(len(comps) // group_size):
+        d_g, p_g, flat = [], [], True
+        for i in range(g * group_size, (g + 1) * group_size):
+            n = len(comps[i])
+            if n == 0:
+                continue
+            s = sizes[i][:n]
+            d_g.append(1 + sum(1 for t in range(1, n) if s[t] != s[t - 1]))
+            p_g.append(sum(1 for x in s if x > 1) / n)
+            flat = flat and all(x == 1 for x in s)
+        depths.append(sum(d_g) / len(d_g))
+        props.append(sum(p_g) / len(p_g))
+        flats.append(1.0 if flat else 0.0)
+    n_g = len(depths)
+    return {"path_depth": sum(depths) / n_g, "intermediate_prop": sum(props) / n_g,
+            "flat_frac": sum(flats) / n_g}
+
+
+def oracle_policy_loss(logp, old, ref, adv, mask, weights=None, clip_eps=0.2, beta=0.0,
+                       aggregation="token"):
+    """Scalar-loop reference for the loss to minimize (nested python lists in, float out)."""
+    B, T = len(mask), len(mask[0])
+    terms = [[0.0] * T for _ in range(B)]
+    for i in range(B):
+        for t in range(T):
+            if not mask[i][t]:
+                continue
+            A = adv[i][t] if isinstance(adv[i], (list, tuple)) else adv[i]
+            P = math.exp(logp[i][t] - old[i][t])
+            Pc = min(max(P, 1 - clip_eps), 1 + clip_eps)
+            term = -min(P * A, Pc * A)
+            if beta:
+                d = ref[i][t] - logp[i][t]
+                term += beta * (math.exp(d) - d - 1)
+            if weights is not None:
+                term *= weights[i][t]
+            terms[i][t] = term
+    if aggregation == "token":
+        n = sum(mask[i][t] for i in range(B) for t in range(T))
+        return sum(terms[i][t] for i in range(B) for t in range(T) if mask[i][t]) / n
+    assert aggregation == "sequence"
+    rows = []
+    for i in range(B):
+        n_i = sum(mask[i])
+        rows.append(sum(terms[i][t] for t in range(T) if mask[i][t]) / n_i)
+    return sum(rows) / B
+
+
+# ---- random batches with lots of overlap --------------------------------------------
+def random_group(rng, G, max_len, vocab):
+    comps = []
+    for _ in range(G):
+        u = rng.random()
+        if comps and u < 0.2:  # exact duplicate
+            comps.append(list(rng.choice(comps)))
+        elif comps and u < 0.35:  # a strict prefix of another completion
+            base = rng.choice(comps)
+            comps.append(list(base[: rng.randint(0, len(base))]))
+        elif comps and u < 0.7:  # shared prefix + random tail
+            base = rng.choice(comps)
+            cut = rng.randint(0, len(base))
+            tail = [rng.randrange(vocab) for _ in range(rng.randint(0, max(0, max_len - cut)))]
+            comps.append(list(base[:cut]) + tail)
+        else:  # fresh, with short lengths (0 and 1) over-represented
+            n = rng.choice([0, 1, rng.randint(0, max_len)])
+            comps.append([rng.randrange(vocab) for _ in range(n)])
+    rng.shuffle(comps)
+    return comps
+
+
+def random_rewards(rng, n):
+    mode = rng.randrange(4)
+    if mode == 0:
+        return [float(rng.choice([0, 1])) for _ in range(n)]
+    if mode == 1:
+        return [rng.choice([0.0, 0.5, 1.0]) for _ in range(n)]
+    if mode == 2:
+        c = rng.choice([0.0, 0.1, 1.0, 0.7])
+        return [c] * n  # all equal
+    return [rng.uniform(-2, 2) for _ in range(n)]
+
+
+def random_batch(rng, need_nonempty=False):
+    G = rng.randint(2, 5)
+    n_groups = rng.randint(1, 3)
+    vocab = rng.choice([2, 3, 3, 4])
+    max_len = rng.randint(1, 7)
+    comps, rewards = [], []
+    for _ in range(n_groups):
+        while True:
+            grp = random_group(rng, G, max_len, vocab)
+            if not need_nonempty or any(grp):
+                break
+        comps += grp
+        rewards += random_rewards(rng, G)
+    T = max([len(c) for c in comps] + [1]) + rng.randint(0, 2)
+    fill_mode = rng.randrange(3)
+    eos = 0  # a real token id
+    if fill_mode == 0:
+        ids, mask = pad_batch(comps, T, pad_fill=eos)
+    elif fill_mode == 1:
+        ids, mask = pad_batch(comps, T, pad_fill=lambda: rng.randrange(vocab))
+    else:
+        ids, mask = pad_batch(comps, T, pad_fill=vocab - 1)
+    return comps, rewards, G, ids, mask
+
+
+# ---- trie helpers -------------------------------------------------------------------
+def trie_nodes(root):
+    """All nodes below the root (the root is the prompt, not a step), depth first."""
+    out, stack = [], list(root.children)
+    while stack:
+        n = stack.pop()
+        out.append(n)
+        stack.extend(n.children)
+    return out
+
+
+def check_trie_structure(root, comps, rewards):
+    """Structural invariants of the trie of one group; returns per-token (size, adv, node)."""
+    G = len(comps)
+    size_at = [[None] * len(c) for c in comps]
+    adv_at = [[None] * len(c) for c in comps]
+    for c in root.children:
+        assert c.start == 0
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        kids = list(node.children)
+        if node is not root:
+            assert len(node.tokens) == node.end - node.start > 0
+            assert list(node.members) == sorted(node.members)
+            assert node.size == len(node.members)
+            for m in node.members:  # members share exactly this span
+                assert list(comps[m][node.start:node.end]) == list(node.tokens)
+            r_hat = sum(float(rewards[m]) for m in node.members) / node.size
+            assert node.reward == pytest.approx(r_hat, abs=1e-6)
+            for m in node.members:
+                for t in range(node.start, node.end):
+                    assert size_at[m][t] is None, "token covered twice"
+                    size_at[m][t] = node.size
+                    adv_at[m][t] = float(node.advantage)
+            # maximal: a single child with the same member set would be the same step
+            assert not (len(kids) == 1 and list(kids[0].members) == list(node.members))
+            # members that go on are split among the children; the others end here
+            child_members = [m for k in kids for m in k.members]
+            assert len(child_members) == len(set(child_members))
+            assert set(child_members) <= set(node.members)
+            for m in set(node.members) - set(child_members):
+                assert len(comps[m]) == node.end
+        for k in kids:
+            if node is not root:
+                assert k.start == node.end
+            stack.append(k)
+        # children disagree on their first token
+        firsts = [k.tokens[0] for k in kids]
+        assert len(firsts) == len(set(firsts))
+    for i in range(G):
+        assert all(x is not None for x in size_at[i]), "token not covered by any node"
+    return size_at, adv_at
+
+
+# ---- tiny models --------------------------------------------------------------------
+def tiny_gpt2(seed, vocab=11):
+    import transformers
+
+    torch.manual_seed(seed)
+    cfg = transformers.GPT2Config(vocab_size=vocab, n_embd=16, n_layer=2, n_head=2,
+                                  n_positions=64, resid_pdrop=0.0, embd_pdrop=0.0,
+                                  attn_pdrop=0.0, bos_token_id=0, eos_token_id=0)
+    model = transformers.GPT2LMHeadModel(cfg).double().eval()
+    return model
+
+
+@pytest.fixture(scope="module")
+def gpt2_models():
+    return tiny_gpt2(0), tiny_gpt2(1)  # (policy, reference)
+
+
+def close(a, b, tol):
+    return torch.allclose(torch.as_tensor(a, dtype=torch.float64),
+                          torch.as_tensor(b, dtype=torch.float64), rtol=0, atol=tol)
+
+
+# =====================================================================================
+# 1. The paper's worked example (Figure 1 / PAPER.md §4), exactly
+# =====================================================================================
+def test_worked_example_outcome_advantages():
+    # a = [+0.2214, +0.2214, +1.5498, −1.1070, −1.1070, +0.2214] with the sample std (eps=0),
+    # and the default eps=1e-4 is added to the std.
+    r = torch.tensor(WE_REWARDS, dtype=torch.float64)
+    assert WE_MEAN == pytest.approx(0.416667, abs=1e-6)
+    assert WE_STD == pytest.approx(0.376386, abs=1e-6)
+    a = lgrpo.group_advantages(r, 6, eps=0.0)
+    assert close(a, [0.2214, 0.2214, 1.5498, -1.1070, -1.1070, 0.2214], 5e-5)
+    a_def = lgrpo.group_advantages(r, 6)
+    assert close(a_def, [(x - WE_MEAN) / (WE_STD + 1e-4) for x in WE_REWARDS], 1e-6)
+
+
+def test_worked_example_process_set_sizes_and_weights():
+    # |λ| per token equals the table (pad id 0 is the real token "A": mask alone decides).
+    comps, ids, mask, _ = we_batch(pad_fill=WE_ID["A"])
+    sizes = lgrpo.process_set_sizes(ids, mask, 6)
+    assert sizes.dtype == torch.long and sizes.shape == ids.shape
+    expected = torch.zeros_like(ids)
+    for i, row in enumerate(WE_SIZES):
+        expected[i, : len(row)] = torch.tensor(row)
+    assert torch.equal(sizes, expected)
+    w = lgrpo.lambda_weights(ids, mask, 6)
+    assert w.is_floating_point()
+    exp_w = torch.where(expected > 0, 1.0 / expected.clamp(min=1).double(), torch.zeros(()))
+    assert close(w, exp_w, 1e-7)
+
+
+def test_worked_example_step_advantages_match_table():
+    # A_{i,t} on every token equals the table's A of the step containing it; 0 on padding.
+    comps, ids, mask, r = we_batch(pad_fill=WE_ID["J"])
+    A = lgrpo.step_advantages(ids, mask, r, 6, eps=0.0)
+    assert A.shape == ids.shape
+    for i, steps in enumerate(WE_TOKEN_STEPS):
+        for t, step in enumerate(steps):
+            assert float(A[i, t]) == pytest.approx(WE_STEPS[step][3], abs=5e-5), (i, t, step)
+        assert torch.all(A[i, len(steps):] == 0)
+    # default eps: exact formula (R̂ − mean) / (std + 1e-4)
+    A_def = lgrpo.step_advantages(ids, mask, r, 6)
+    for i, steps in enumerate(WE_TOKEN_STEPS):
+        for t, step in enumerate(steps):
+            exp = (WE_STEPS[step][2] - WE_MEAN) / (WE_STD + 1e-4)
+            assert float(A_def[i, t]) == pytest.approx(exp, abs=1e-6)
+
+
+def test_worked_example_JKL_push_grpo_vs_lambda_grpo():
+    # On each J K L token: GRPO's summed push Σ_members a_k = 3·(−0.2214) = −0.6642;
+    # λ-GRPO's (each term weighted by 1/|λ|) is −0.2214, although J K L M is the best completion.
+    comps, ids, mask, r = we_batch()
+    a = lgrpo.group_advantages(r, 6, eps=0.0).double()
+    A = lgrpo.step_advantages(ids, mask, r, 6, eps=0.0).double()
+    w = lgrpo.lambda_weights(ids, mask, 6).double()
+    members = [2, 3, 4]
+    for t in range(3):  # J, K, L
+        grpo_outcome = sum(float(a[k]) for k in members)
+        grpo_step = sum(float(A[k, t]) for k in members)
+        lam_outcome = sum(float(w[k, t] * a[k]) for k in members)
+        lam_step = sum(float(w[k, t] * A[k, t]) for k in members)
+        assert grpo_outcome == pytest.approx(-0.6642, abs=1e-4)
+        assert grpo_step == pytest.approx(-0.6642, abs=1e-4)
+        assert lam_outcome == pytest.approx(-0.2214, abs=5e-5)
+        assert lam_step == pytest.approx(-0.2214, abs=5e-5)
+
+
+def test_worked_example_build_trie_has_the_nine_steps_and_tree_shape():
+    # build_trie on letter tokens gives exactly the table's 9 steps (members, |λ|, R̂, A)
+    # and the tree: J K L -> {M, N Q}; N Q -> {S T, U}; A B -> {C D, E F H I}.
+    comps = [list(s) for s in WE_COMPLETIONS]
+    root = lgrpo.build_trie(comps, WE_REWARDS)
+    nodes = trie_nodes(root)
+    by_key = {"".join(n.tokens): n for n in nodes}
+    assert len(nodes) == 9
+    assert set(by_key) == set(WE_STEPS)
+    spans = {"AB": (0, 2), "CD": (2, 4), "EFHI": (2, 6), "JKL": (0, 3), "M": (3, 4),
+             "NQ": (3, 5), "ST": (5, 7), "U": (5, 6), "VWYZ": (0, 4)}
+    for key, (members, size, r_hat, adv) in WE_STEPS.items():
+        n = by_key[key]
+        assert list(n.members) == members, key
+        assert n.size == size, key
+        assert float(n.reward) == pytest.approx(r_hat, abs=1e-9), key
+        exp_adv = (r_hat - WE_MEAN) / (WE_STD + 1e-4)  # default eps
+        assert float(n.advantage) == pytest.approx(exp_adv, abs=1e-6), key
+        assert float(n.advantage) == pytest.approx(adv, abs=1e-3), key
+        assert (n.start, n.end) == spans[key], key
+
+    def kids(node):
+        return sorted("".join(k.tokens) for k in node.children)
+
+    assert kids(root) == ["AB", "JKL", "VWYZ"]
+    assert kids(by_key["AB"]) == ["CD", "EFHI"]
+    assert kids(by_key["JKL"]) == ["M", "NQ"]
+    assert kids(by_key["NQ"]) == ["ST", "U"]
+    for leaf in ["CD", "EFHI", "M", "ST", "U", "VWYZ"]:
+        assert kids(by_key[leaf]) == []
+    check_trie_structure(root, comps, WE_REWARDS)
+
+
+def test_worked_example_format_trie_shows_each_step_and_size():
+    # format_trie: one line per node; each step's tokens and |λ| appear on a line.
+    root = lgrpo.build_trie([list(s) for s in WE_COMPLETIONS], WE_REWARDS)
+    text = lgrpo.format_trie(root)
+    assert isinstance(text, str)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) in (9, 10)  # the 9 steps (+ a root line)
+    for key, (_, size, _, _) in WE_STEPS.items():
+        tok_re = r"[\s,'\"\[\]]*".join(re.escape(ch) for ch in key)
+        size_re = r"(?<![\d.])%d(?![\d.])" % size
+        assert any(re.search(tok_re, ln) and re.search(size_re, ln) for ln in lines), key
+
+
+def test_worked_example_trie_stats_by_hand():
+    # Hand computation for the worked example (one group of 6):
+    #   path depth (steps root->end):  1: AB,CD = 2   2: AB,EFHI = 2   3: JKL,M = 2
+    #                                  4: JKL,NQ,ST = 3   5: JKL,NQ,U = 3   6: VWYZ = 1
+    #   -> mean 13/6
+    #   intermediate proportion (tokens with |λ|>1 / length):
+    #     1: AB -> 2/4   2: AB -> 2/6   3: JKL -> 3/4   4: JKLNQ -> 5/7   5: JKLNQ -> 5/6   6: 0/4
+    #   flat_frac: the group has shared steps -> 0
+    comps, ids, mask, _ = we_batch()
+    st = lgrpo.trie_stats(ids, mask, 6)
+    props = [2 / 4, 2 / 6, 3 / 4, 5 / 7, 5 / 6, 0.0]
+    assert st["path_depth"] == pytest.approx(13 / 6, abs=1e-6)
+    assert st["intermediate_prop"] == pytest.approx(sum(props) / 6, abs=1e-6)
+    assert st["flat_frac"] == pytest.approx(0.0, abs=1e-12)
+
+    # Add a second, flat group (distinct first tokens) with one empty completion whose padding
+    # uses a real token id. Its empty completion is excluded: depth mean 1 over the 5 others,
+    # intermediate 0, flat. Then average over the 2 groups.
+    X = len(WE_LETTERS)
+    flat = [[X], [X + 1, X + 1], [X + 2, X + 2, X + 2], [], [X + 3], [X + 4, X]]
+    ids2, mask2 = pad_batch(comps + flat, pad_fill=X)
+    st2 = lgrpo.trie_stats(ids2, mask2, 6)
+    assert st2["path_depth"] == pytest.approx((13 / 6 + 1.0) / 2, abs=1e-6)
+    assert st2["intermediate_prop"] == pytest.approx((sum(props) / 6 + 0.0) / 2, abs=1e-6)
+    assert st2["flat_frac"] == pytest.approx(0.5, abs=1e-12)
+
+
+# =====================================================================================
+# 2. Brute-force oracles vs the vectorized functions on hundreds of random batches
+# =====================================================================================
+def test_process_set_sizes_weights_step_advantages_match_bruteforce_oracle():
+    # Property: the vectorized |λ|, 1/|λ| and step advantages equal the definitions computed by
+    # explicit prefix comparisons, incl. duplicates, prefixes, empty/1-token completions, and
+    # padding filled with real token ids (padding must be read from the mask only).
+    rng = random.Random(1234)
+    n_checked_dupes = n_checked_empty = n_checked_prefix = 0
+    for _ in range(300):
+        comps, rewards, G, ids, mask = random_batch(rng)
+        T = ids.shape[1]
+        r = torch.tensor(rewards, dtype=torch.float64)
+        exp_sizes = oracle_sizes(comps, G, T)
+        sizes = lgrpo.process_set_sizes(ids, mask, G)
+        assert sizes.dtype == torch.long
+        assert sizes.tolist() == exp_sizes, (comps, G)
+        w = lgrpo.lambda_weights(ids, mask, G)
+        exp_w = [[(1.0 / s if s else 0.0) for s in row] for row in exp_sizes]
+        assert close(w, exp_w, 1e-6), (comps, G)
+        A = lgrpo.step_advantages(ids, mask, r, G)
+        exp_A = oracle_step_adv(comps, rewards, G, T)
+        assert close(A, exp_A, 1e-5), (comps, rewards, G)
+        assert torch.all(A[mask == 0] == 0)
+        # coverage of the tricky cases
+        n_checked_empty += sum(1 for c in comps if len(c) == 0)
+        n_checked_dupes += sum(1 for i, c in enumerate(comps) if c and c in comps[:i])
+        n_checked_prefix += sum(
+            1 for c in comps for d in comps if 0 < len(c) < len(d) and d[: len(c)] == c)
+    assert n_checked_empty > 20 and n_checked_dupes > 20 and n_checked_prefix > 20
+
+
+def test_step_advantages_equal_mean_of_outcome_advantages_over_members():
+    # Property (PAPER §2): A_{i,t} = mean of a_k over λ^(i,t), with a from group_advantages.
+    rng = random.Random(99)
+    for _ in range(100):
+        comps, rewards, G, ids, mask = random_batch(rng)
+        r = torch.tensor(rewards, dtype=torch.float64)
+        a = lgrpo.group_advantages(r, G).double()
+        A = lgrpo.step_advantages(ids, mask, r, G).double()
+        for i, c in enumerate(comps):
+            g = i // G
+            for t in range(len(c)):
+                mem = [k for k in range(g * G, g * G + G)
+                       if len(comps[k]) > t and comps[k][: t + 1] == c[: t + 1]]
+                assert float(A[i, t]) == pytest.approx(
+                    sum(float(a[k]) for k in mem) / len(mem), abs=1e-6)
+
+
+def test_no_shared_first_token_gives_trivial_prm():
+    # If no two completions share a first token, |λ| = 1 everywhere and A_{i,t} = a_i (plain ORM).
+    comps = [[0, 1, 1], [1, 0], [2], [3, 3, 3, 3]]
+    ids, mask = pad_batch(comps, pad_fill=0)
+    r = torch.tensor([1.0, 0.0, 0.3, 0.9], dtype=torch.float64)
+    assert torch.equal(lgrpo.process_set_sizes(ids, mask, 4), mask.long())
+    a = lgrpo.group_advantages(r, 4).double()
+    A = lgrpo.step_advantages(ids, mask, r, 4).double()
+    assert close(A, a[:, None] * mask, 1e-6)
+
+
+# =====================================================================================
+# 3. build_trie agrees with the vectorized functions; trie_stats vs oracles
+# =====================================================================================
+def test_build_trie_agrees_with_vectorized_functions_on_random_groups():
+    # Property: the (|λ|, A) of the node containing each token equal process_set_sizes and
+    # step_advantages; members share the node's span; children start where the parent ends;
+    # nodes are maximal; every token lies in exactly one node. Tokens both ints and strings.
+    rng = random.Random(77)
+    for it in range(150):
+        comps, rewards, G, ids, mask = random_batch(rng)
+        r = torch.tensor(rewards, dtype=torch.float64)
+        sizes = lgrpo.process_set_sizes(ids, mask, G)
+        A = lgrpo.step_advantages(ids, mask, r, G).double()
+        for g in range(len(comps) // G):
+            grp = comps[g * G:(g + 1) * G]
+            rg = rewards[g * G:(g + 1) * G]
+            if it % 2:
+                grp = [["tok%d" % x for x in c] for c in grp]  # string tokens
+                rg = torch.tensor(rg, dtype=torch.float64)
+            root = lgrpo.build_trie(grp, rg)
+            size_at, adv_at = check_trie_structure(root, grp, rg)
+            for j, c in enumerate(grp):
+                for t in range(len(c)):
+                    assert size_at[j][t] == int(sizes[g * G + j, t])
+                    assert adv_at[j][t] == pytest.approx(float(A[g * G + j, t]), abs=1e-5)
+
+
+def test_build_trie_when_whole_group_shares_the_first_step():
+    # The root is the prompt, never a step: when every completion starts with the same tokens,
+    # that shared run is ONE child step holding all members (|λ| = G), not part of the root.
+    comps = [[7, 8, 1], [7, 8, 2], [7, 8]]
+    root = lgrpo.build_trie(comps, [1.0, 0.0, 0.5])
+    assert len(root.children) == 1
+    first = root.children[0]
+    assert list(first.tokens) == [7, 8] and (first.start, first.end) == (0, 2)
+    assert list(first.members) == [0, 1, 2] and first.size == 3
+    assert sorted(tuple(k.tokens) for k in first.children) == [(1,), (2,)]
+    check_trie_structure(root, comps, [1.0, 0.0, 0.5])
+
+
+def test_build_trie_python_float_rewards_keep_double_precision():
+    # Python floats are doubles: R̂ and the step advantage of each node must equal the float64
+    # computation (no silent rounding of the rewards to float32 on the way in).
+    comps = [[1, 2, 3], [1, 2, 4], [1, 5], [6]]
+    rewards = [0.3, 0.9, 0.1, 0.7]
+    mean = sum(rewards) / 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 3)
+    root = lgrpo.build_trie(comps, rewards)
+    for n in trie_nodes(root):
+        r_hat = sum(rewards[m] for m in n.members) / n.size
+        assert float(n.reward) == pytest.approx(r_hat, abs=1e-12, rel=0)
+        assert float(n.advantage) == pytest.approx((r_hat - mean) / (std + 1e-4), abs=1e-12, rel=0)
+
+
+def test_trie_stats_match_bruteforce_oracle_on_random_batches():
+    # Property: trie_stats equals the brute-force definition: depth = 1 + number of |λ| changes
+    # along the completion (process sets only shrink); share of tokens with |λ|>1; flat groups.
+    rng = random.Random(2024)
+    saw_flat = saw_nonflat = False
+    for _ in range(120):
+        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
+        st = lgrpo.trie_stats(ids, mask, G)
+        exp = oracle_trie_stats(comps, G)
+        for key in ("path_depth", "intermediate_prop", "flat_frac"):
+            assert isinstance(st[key], float)
+            assert st[key] == pytest.approx(exp[key], abs=1e-6), (key, comps, G)
+        saw_flat |= exp["flat_frac"] > 0
+        saw_nonflat |= exp["flat_frac"] < 1
+    assert saw_flat and saw_nonflat
+
+
+def test_trie_stats_match_stats_read_off_build_trie():
+    # Property: trie_stats equals the statistics read off the explicit trie: path depth =
+    # number of nodes whose members include the completion; intermediate proportion = tokens in
+    # nodes with size > 1 over the length; flat = every node has size 1.
+    rng = random.Random(2025)
+    for _ in range(120):
+        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
+        st = lgrpo.trie_stats(ids, mask, G)
+        depths, props, flats = [], [], []
+        for g in range(len(comps) // G):
+            grp = comps[g * G:(g + 1) * G]
+            root = lgrpo.build_trie(grp, [0.0] * G)
+            nodes = trie_nodes(root)
+            d, p = [], []
+            for j, c in enumerate(grp):
+                if not c:
+                    continue
+                mine = [n for n in nodes if j in n.members]
+                d.append(len(mine))
+                p.append(sum(n.end - n.start for n in mine if n.size > 1) / len(c))
+            depths.append(sum(d) / len(d))
+            props.append(sum(p) / len(p))
+            flats.append(float(all(n.size == 1 for n in nodes)))
+        n_g = len(depths)
+        assert st["path_depth"] == pytest.approx(sum(depths) / n_g, abs=1e-6)
+        assert st["intermediate_prop"] == pytest.approx(sum(props) / n_g, abs=1e-6)
+        assert st["flat_frac"] == pytest.approx(sum(flats) / n_g, abs=1e-6)
+
+
+# =====================================================================================
+# 4. group_advantages
+# =====================================================================================
+def test_group_advantages_known_values_two_groups():
+    # Hand values: group 1 = [1,2,3,4]: mean 2.5, sample std sqrt(5/3); group 2 = [0,0,1,5]:
+    # mean 1.5, sample std sqrt((1.5²+1.5²+0.5²+3.5²)/3). eps is added to the std.
+    r = torch.tensor([1.0, 2.0, 3.0, 4.0, 0.0, 0.0, 1.0, 5.0], dtype=torch.float64)
+    a = lgrpo.group_advantages(r, 4)
+    assert a.shape == (8,)
+    s1 = math.sqrt(5.0 / 3.0)
+    m2 = 1.5
+    s2 = math.sqrt(((1.5) ** 2 * 2 + 0.5 ** 2 + 3.5 ** 2) / 3)
+    exp = [(x - 2.5) / (s1 + 1e-4) for x in [1, 2, 3, 4]] + \
+          [(x - m2) / (s2 + 1e-4) for x in [0, 0, 1, 5]]
+    assert close(a, exp, 1e-6)
+    # eps really is added to the std (not to the variance, not ignored)
+    a_big = lgrpo.group_advantages(r, 4, eps=0.5)
+    exp_big = [(x - 2.5) / (s1 + 0.5) for x in [1, 2, 3, 4]] + \
+              [(x - m2) / (s2 + 0.5) for x in [0, 0, 1, 5]]
+    assert close(a_big, exp_big, 1e-6)
+    # rows g·G .. g·G+G−1 form group g (a group of 2 per pair here)
+    a2 = lgrpo.group_advantages(r, 2)
+    exp2 = []
+    for g in range(4):
+        x, y = float(r[2 * g]), float(r[2 * g + 1])
+        if x == y:
+            exp2 += [0.0, 0.0]
+        else:
+            s = abs(x - y) / math.sqrt(2)
+            exp2 += [(x - (x + y) / 2) / (s + 1e-4), (y - (x + y) / 2) / (s + 1e-4)]
+    assert close(a2, exp2, 1e-6)
+
+
+def test_group_advantages_all_equal_rewards_are_exact_zeros():
+    # A group whose rewards are all equal gets exactly 0 (no NaN), even for values like 0.1
+    # whose float mean differs from the value by one ulp, and with eps = 0.
+    r = torch.tensor([0.1] * 6 + [0.0, 1.0, 1.0, 0.0, 0.2, 0.9] + [0.7] * 6, dtype=torch.float64)
+    for eps in (1e-4, 0.0):
+        a = lgrpo.group_advantages(r, 6, eps=eps)
+        assert not torch.isnan(a).any()
+        assert torch.all(a[:6] == 0) and torch.all(a[12:] == 0)
+        assert torch.all(a[6:12] != 0)
+    r32 = torch.tensor([0.7, 0.7, 0.7, 0.3, 0.3, 0.3], dtype=torch.float32)
+    a32 = lgrpo.group_advantages(r32, 3)
+    assert torch.all(a32 == 0)
+    # the same for step advantages
+    comps = [[1, 2], [1, 3], [1], [2, 2, 2], [], [0]]
+    ids, mask = pad_batch(comps, pad_fill=1)
+    A = lgrpo.step_advantages(ids, mask, torch.tensor([0.1] * 6, dtype=torch.float64), 6)
+    assert not torch.isnan(A).any() and torch.all(A == 0)
+
+
+# =====================================================================================
+# 5. policy_loss by hand
+# =====================================================================================
+# B=2, T=3; row 1 has 2 valid tokens. Padding holds finite garbage that must not matter.
+PL_MASK = [[1, 1, 1], [1, 1, 0]]
+PL_LOGP = [[-1.0, -0.5, -2.0], [-0.3, -1.2, 30.0]]
+# ratios P = exp(logp - old): 1.6487 (>1.2), 0.6065 (<0.8), 1.1052 (inside); 1.3499, 0.9048
+PL_OLD = [[-1.5, 0.0, -2.1], [-0.6, -1.1, -40.0]]
+PL_REF = [[-1.2, -0.4, -1.0], [-0.5, -1.0, 25.0]]
+
+
+def _t(x):
+    return torch.tensor(x, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+@pytest.mark.parametrize("adv", [[1.5, -0.8], [-1.5, 0.8],
+                                 [[1.0, -2.0, 0.5], [-0.7, 0.9, 7.0]]],
+                         ids=["advB", "advB_neg", "advBT"])
+@pytest.mark.parametrize("beta", [0.0, 0.1])
+@pytest.mark.parametrize("weighted", [False, True])
+def test_policy_loss_matches_scalar_reference(aggregation, adv, beta, weighted):
+    # Property: policy_loss = scalar-loop formula: −min(P·A, clip(P)·A) + β·k3, times the weight,
+    # aggregated per token or per sequence; clipping active on some tokens (both signs of A),
+    # inactive on others; [B] and [B,T] advantages; padded entries ignored.
+    weights = [[1.0, 0.5, 0.25], [1.0 / 3.0, 1.0, 0.0]] if weighted else None
+    exp = oracle_policy_loss(PL_LOGP, PL_OLD, PL_REF, adv, PL_MASK, weights=weights,
+                             clip_eps=0.2, beta=beta, aggregation=aggregation)
+    kwargs = dict(weights=None if weights is None else _t(weights), clip_eps=0.2, beta=beta,
+                  aggregation=aggregation)
+    ref = _t(PL_REF) if beta else None
+    got = lgrpo.policy_loss(_t(PL_LOGP), _t(PL_OLD), ref, _t(adv), _t(PL_MASK), **kwargs)
+    assert got.dim() == 0
+    assert float(got) == pytest.approx(exp, abs=1e-9)
+
+
+def test_policy_loss_clip_eps_parameter_and_no_clipping_when_ratio_inside():
+    # With clip_eps large nothing is clipped: loss = −Σ P·A / N. With P == 1 (old == logp)
+    # clipping never acts: loss = −mean of A over valid tokens.
+    adv = [[1.0, -2.0, 0.5], [-0.7, 0.9, 7.0]]
+    got = lgrpo.policy_loss(_t(PL_LOGP), _t(PL_OLD), None, _t(adv), _t(PL_MASK), clip_eps=100.0)
+    exp = -sum(math.exp(PL_LOGP[i][t] - PL_OLD[i][t]) * adv[i][t]
+               for i in range(2) for t in range(3) if PL_MASK[i][t]) / 5
+    assert float(got) == pytest.approx(exp, abs=1e-9)
+    got1 = lgrpo.policy_loss(_t(PL_LOGP), _t(PL_LOGP), None, _t(adv), _t(PL_MASK))
+    assert float(got1) == pytest.approx(-(1.0 - 2.0 + 0.5 - 0.7 + 0.9) / 5, abs=1e-12)
+    # a different clip range changes the value when ratios are outside [0.8, 1.2]
+    got_small = lgrpo.policy_loss(_t(PL_LOGP), _t(PL_OLD), None, _t(adv), _t(PL_MASK),
+                                  clip_eps=0.05)
+    exp_small = oracle_policy_loss(PL_LOGP, PL_OLD, None, adv, PL_MASK, clip_eps=0.05)
+    assert float(got_small) == pytest.approx(exp_small, abs=1e-9)
+    assert abs(exp_small - exp) > 1e-3
+
+
+def test_policy_loss_gradient_respects_clipping():
+    # d loss / d logp per token: −P·A/N where the unclipped branch is the min, 0 where the
+    # clipped branch wins (ratio outside the range on the side A pushes to), plus β·(1−e^{ref−lp})/N.
+    adv = [[1.0, -2.0, 0.5], [-0.7, 0.9, 7.0]]
+    beta = 0.1
+    logp = _t(PL_LOGP).requires_grad_(True)
+    loss = lgrpo.policy_loss(logp, _t(PL_OLD), _t(PL_REF), _t(adv), _t(PL_MASK), beta=beta)
+    (g,) = torch.autograd.grad(loss, logp)
+    N = 5
+    for i in range(2):
+        for t in range(3):
+            if not PL_MASK[i][t]:
+                assert float(g[i, t]) == 0.0
+                continue
+            A = adv[i][t]
+            P = math.exp(PL_LOGP[i][t] - PL_OLD[i][t])
+            Pc = min(max(P, 0.8), 1.2)
+            active = (0.8 < P < 1.2) or (P * A < Pc * A)
+            d = PL_REF[i][t] - PL_LOGP[i][t]
+            exp = (-P * A if active else 0.0) / N + beta * (1 - math.exp(d)) / N
+            assert float(g[i, t]) == pytest.approx(exp, abs=1e-12), (i, t)
+    # sanity: the chosen numbers exercise both clipped and unclipped tokens
+    assert any(not ((0.8 < math.exp(PL_LOGP[i][t] - PL_OLD[i][t]) < 1.2)) for i in range(2)
+               for t in range(2))
+
+
+# =====================================================================================
+# 6. token_logprobs
+# =====================================================================================
+def _build_lm_batch(prompts, completions, pad_id=0):
+    """Left-pad prompts to a common width P, right-pad completions; returns ids, attn, P, cmask."""
+    P = max(len(p) for p in prompts)
+    T = max(len(c) for c in completions)
+    B = len(prompts)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + T, dtype=torch.long)
+    cmask = torch.zeros(B, T, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, P - len(p):P] = torch.tensor(p)
+        attn[i, P - len(p):P] = 1
+        if c:
+            ids[i, P:P + len(c)] = torch.tensor(c)
+            attn[i, P:P + len(c)] = 1
+            cmask[i, :len(c)] = 1
+    return ids, attn, P, cmask
+
+
+def test_token_logprobs_no_padding_equals_naive_gather(gpt2_models):
+    # Without padding, token_logprobs = log_softmax(logits[:, t-1])[ids[:, t]] for t >= start.
+    model = gpt2_models[0]
+    torch.manual_seed(5)
+    ids = torch.randint(0, 11, (3, 9))
+    attn = torch.ones_like(ids)
+    start = 4
+    with torch.no_grad():
+        got = lgrpo.token_logprobs(model, ids, attn, start)
+        logits = model(input_ids=ids).logits
+        full = torch.log_softmax(logits.double(), dim=-1)
+        exp = full[:, start - 1:-1].gather(-1, ids[:, start:, None]).squeeze(-1)
+    assert got.shape == (3, 9 - start)
+    assert close(got, exp, 1e-10)
+
+
+def test_token_logprobs_left_padding_invariance(gpt2_models):
+    # Property: with left-padded prompts of different lengths, each row's completion log-probs
+    # equal those of the same prompt+completion scored alone with no padding (catches missing
+    # position_ids / a mask not reaching the model). float64, tol 1e-6.
+    model = gpt2_models[0]
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8], [2, 9, 9]]
+    completions = [[3, 3, 1], [4, 5, 6, 7, 8], [0, 0], [10]]  # token 0 is also the pad id
+    ids, attn, P, cmask = _build_lm_batch(prompts, completions, pad_id=0)
+    with torch.no_grad():
+        got = lgrpo.token_logprobs(model, ids, attn, P)
+    assert got.shape == cmask.shape
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        alone = torch.tensor([p + c])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=alone).logits.double(), -1)[0]
+        exp = [float(lp[len(p) + t - 1, c[t]]) for t in range(len(c))]
+        assert close(got[i, :len(c)], exp, 1e-6), (i, got[i], exp)
+
+
+def test_token_logprobs_is_differentiable(gpt2_models):
+    # The log-probs carry gradients to the model parameters (needed for training).
+    model = gpt2_models[0]
+    ids, attn, P, cmask = _build_lm_batch([[1, 2], [3]], [[4, 5], [6]])
+    lp = lgrpo.token_logprobs(model, ids, attn, P)
+    (lp * cmask).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+# =====================================================================================
+# 7. Theorem 1 with gradients (float64, tiny GPT-2, eval mode)
+# =====================================================================================
+# One group: shared prefixes, unequal lengths, one exact duplicate (rows 1 and 4), a prefix.
+TH_PROMPT = [5, 6, 7]
+TH_COMPS = [[1, 2, 3, 4], [1, 2, 8], [1, 2, 3, 9, 9, 2], [4, 4], [1, 2, 8], [1, 2, 3]]
+TH_REWARDS = [1.0, 0.0, 0.3, 0.9, 0.0, 0.6]
+TH_G = len(TH_COMPS)
+
+
+def _theorem_setup(models):
+    model, ref_model = models
+    ids, attn, P, cmask = _build_lm_batch([TH_PROMPT] * TH_G, TH_COMPS, pad_id=0)
+    comp_ids = ids[:, P:]
+    r = torch.tensor(TH_REWARDS, dtype=torch.float64)
+    a = lgrpo.group_advantages(r, TH_G)
+    A = lgrpo.step_advantages(comp_ids, cmask, r, TH_G)
+    w = lgrpo.lambda_weights(comp_ids, cmask, TH_G)
+    with torch.no_grad():
+        ref = lgrpo.token_logprobs(ref_model, ids, attn, P)
+    return dict(model=model, ids=ids, attn=attn, P=P, mask=cmask, a=a, A=A, w=w, ref=ref, r=r)
+
+
+def _loss_and_grads(s, adv, old=None, **kw):
+    model = s["model"]
+    model.zero_grad(set_to_none=True)
+    logp = lgrpo.token_logprobs(model, s["ids"], s["attn"], s["P"])
+    if old is None:
+        old = logp.detach()
+    loss = lgrpo.policy_loss(logp, old, s["ref"], adv, s["mask"], **kw)
+    params = [p for p in model.parameters()]
+    grads = torch.autograd.grad(loss, params, allow_unused=True)
+    grads = [torch.zeros_like(p) if g is None else g for p, g in zip(params, grads)]
+    return loss.detach(), grads, logp.detach()
+
+
+def _max_grad_diff(g1, g2):
+    return max(float((x - y).abs().max()) for x, y in zip(g1, g2))
+
+
+def test_theorem1_grpo_equals_prm_in_value_and_gradient(gpt2_models):
+    # Theorem 1: with token aggregation and μ = 1 (old = logp.detach(), P = 1), GRPO with the
+    # outcome advantages a_i [B] equals the PRM objective with step advantages A_{i,t} [B,T],
+    # in value and in every parameter's gradient, including the β·k3 KL to a reference model.
+    s = _theorem_setup(gpt2_models)
+    assert (s["A"].double() - s["a"].double()[:, None] * s["mask"]).abs().max() > 0.1  # non-trivial
+    for beta in (0.0, 0.04):
+        l_out, g_out, _ = _loss_and_grads(s, s["a"], beta=beta, aggregation="token")
+        l_step, g_step, _ = _loss_and_grads(s, s["A"], beta=beta, aggregation="token")
+        assert abs(float(l_out) - float(l_step)) <= 1e-10
+        assert _max_grad_diff(g_out, g_step) <= 1e-10
+        assert max(float(g.abs().max()) for g in g_out) > 1e-6  # the gradient is not trivially 0
+
+
+def test_lambda_grpo_counts_each_process_step_once(gpt2_models):
+    # λ-GRPO (weights 1/|λ|) equals Σ over trie nodes, Σ over the node's token span, of
+    # (P·A_step − D) for ONE member, over the total token count (negated: it is a loss),
+    # in value and gradient; and weighting the step-advantage form by 1/|λ| gives the same.
+    # Checked exactly (1e-10) with float64 weights 1/process_set_sizes, and with the
+    # library's lambda_weights at the precision of their dtype (float32 is allowed).
+    s = _theorem_setup(gpt2_models)
+    beta = 0.04
+    sizes = lgrpo.process_set_sizes(s["ids"][:, s["P"]:], s["mask"], TH_G)
+    w64 = torch.where(sizes > 0, 1.0 / sizes.clamp(min=1).double(), torch.zeros((), dtype=torch.float64))
+    assert close(s["w"], w64, 1e-7)
+
+    model = s["model"]
+    model.zero_grad(set_to_none=True)
+    logp = lgrpo.token_logprobs(model, s["ids"], s["attn"], s["P"])
+    Pr = torch.exp(logp - logp.detach())
+    d = s["ref"] - logp
+    D = beta * (torch.exp(d) - d - 1)
+    root = lgrpo.build_trie(TH_COMPS, torch.tensor(TH_REWARDS, dtype=torch.float64))
+    nodes = trie_nodes(root)
+    assert sum(n.end - n.start for n in nodes) < sum(len(c) for c in TH_COMPS)  # shared steps
+    total = torch.zeros((), dtype=torch.float64)
+    for node in nodes:
+        m = node.members[-1]  # any member: they share the prefix
+        for t in range(node.start, node.end):
+            total = total + Pr[m, t] * float(node.advantage) - D[m, t]
+    n_tokens = sum(len(c) for c in TH_COMPS)
+    manual = -total / n_tokens
+    params = list(model.parameters())
+    g_man = torch.autograd.grad(manual, params, allow_unused=True)
+    g_man = [torch.zeros_like(p) if g is None else g for p, g in zip(params, g_man)]
+    manual = manual.item()
+
+    for w, tol in ((w64, 1e-10), (s["w"], 1e-10 if s["w"].dtype == torch.float64 else 1e-7)):
+        l_lam, g_lam, _ = _loss_and_grads(s, s["a"], weights=w, beta=beta)
+        l_lam_step, g_lam_step, _ = _loss_and_grads(s, s["A"], weights=w, beta=beta)
+        assert abs(manual - float(l_lam)) <= tol
+        assert _max_grad_diff(g_man, g_lam) <= tol
+        assert abs(float(l_lam_step) - float(l_lam)) <= tol
+        assert _max_grad_diff(g_lam_step, g_lam) <= tol
+    # and λ-GRPO really differs from GRPO on this group (shared steps exist)
+    l_grpo, _, _ = _loss_and_grads(s, s["a"], beta=beta)
+    assert abs(float(l_grpo) - manual) > 1e-6
+
+
+def test_theorem1_breaks_with_sequence_aggregation(gpt2_models):
+    # Counterexample: per-completion mean aggregation with unequal lengths breaks the equality.
+    s = _theorem_setup(gpt2_models)
+    l_out, _, _ = _loss_and_grads(s, s["a"], aggregation="sequence")
+    l_step, _, _ = _loss_and_grads(s, s["A"], aggregation="sequence")
+    assert abs(float(l_out) - float(l_step)) > 1e-6
+
+
+def test_theorem1_breaks_with_clipping_when_mu_gt_1(gpt2_models):
+    # Counterexample: μ > 1 — the old policy differs from the current one but is still a policy
+    # (its log-probs depend only on the prefix): old = logp + δ(prefix), δ = ±0.6, so every ratio
+    # leaves [0.8, 1.2] and clipping acts per a_i (mixed signs inside shared steps): GRPO ≠ PRM.
+    # With clipping disabled (huge clip_eps) the same old policy gives equality again, so
+    # clipping is the cause.
+    s = _theorem_setup(gpt2_models)
+    with torch.no_grad():
+        logp_now = lgrpo.token_logprobs(s["model"], s["ids"], s["attn"], s["P"])
+    rng = random.Random(3)
+    delta_of = {}
+    old = logp_now.clone()
+    for i, c in enumerate(TH_COMPS):
+        for t in range(len(c)):
+            key = tuple(c[: t + 1])
+            if key not in delta_of:
+                delta_of[key] = rng.choice([-0.6, 0.6])
+            old[i, t] = logp_now[i, t] + delta_of[key]
+    assert len(set(delta_of.values())) == 2
+    l_out, _, _ = _loss_and_grads(s, s["a"], old=old, aggregation="token")
+    l_step, _, _ = _loss_and_grads(s, s["A"], old=old, aggregation="token")
+    assert abs(float(l_out) - float(l_step)) > 1e-6
+    l_out_nc, g_out_nc, _ = _loss_and_grads(s, s["a"], old=old, clip_eps=1e6)
+    l_step_nc, g_step_nc, _ = _loss_and_grads(s, s["A"], old=old, clip_eps=1e6)
+    assert abs(float(l_out_nc) - float(l_step_nc)) <= 1e-10
+    assert _max_grad_diff(g_out_nc, g_step_nc) <= 1e-10
+
+
+# =====================================================================================
+# 8. Bad input -> ValueError
+# =====================================================================================
+def _ok_inputs():
+    ids = torch.tensor([[1, 2, 0], [1, 3, 3], [2, 0, 0], [1, 2, 2]])
+    mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
+    r = torch.tensor([1.0, 0.0, 0.5, 0.2], dtype=torch.float64)
+    return ids, mask, r
+
+
+def _call_all(ids, mask, r, G):
+    """A zero-arg callable per public function that takes (ids, mask[, r], G)."""
+    return {
+        "process_set_sizes": lambda: lgrpo.process_set_sizes(ids, mask, G),
+        "lambda_weights": lambda: lgrpo.lambda_weights(ids, mask, G),
+        "step_advantages": lambda: lgrpo.step_advantages(ids, mask, r, G),
+        "trie_stats": lambda: lgrpo.trie_stats(ids, mask, G),
+    }
+
+
+def test_valid_inputs_do_not_raise():
+    # The baseline used by the ValueError tests is itself valid (so the errors are meaningful).
+    ids, mask, r = _ok_inputs()
+    for fn in _call_all(ids, mask, r, 2).values():
+        fn()
+    lgrpo.group_advantages(r, 2)
+
+
+@pytest.mark.parametrize("G", [1, 0])
+def test_group_size_below_2_raises(G):
+    ids, mask, r = _ok_inputs()
+    with pytest.raises(ValueError, match=r"(?i)group"):
+        lgrpo.group_advantages(r, G)
+    for name, fn in _call_all(ids, mask, r, G).items():
+        with pytest.raises(ValueError, match=r"(?i)group"):
+            fn()
+
+
+def test_batch_not_divisible_by_group_size_raises():
+    ids, mask, r = _ok_inputs()
+    with pytest.raises(ValueError, match=r"(?i)divisib|multiple|group"):
+        lgrpo.group_advantages(r, 3)
+    for name, fn in _call_all(ids, mask, r, 3).items():
+        with pytest.raises(ValueError, match=r"(?i)divisib|multiple|group"):
+            fn()
+
+
+@pytest.mark.parametrize("case", ["mask_shorter", "mask_fewer_rows", "rewards_too_short",
+                                  "rewards_too_long"])
+def test_mismatched_shapes_raise(case):
+    # ids/mask of different shapes, or a rewards vector whose length is not B, are rejected
+    # (rewards_too_short is one whole group: it must not be silently broadcast to every group).
+    ids, mask, r = _ok_inputs()
+    i_, m_, r_ = {
+        "mask_shorter": (ids, mask[:, :2], r),
+        "mask_fewer_rows": (ids, mask[:2], r),
+        "rewards_too_short": (ids, mask, r[:2]),
+        "rewards_too_long": (ids, mask, torch.cat([r, r[:2]])),
+    }[case]
+    fns = _call_all(i_, m_, r_, 2)
+    if case.startswith("rewards"):
+        fns = {"step_advantages": fns["step_advantages"]}
+    for name, fn in fns.items():
+        with pytest.raises(ValueError, match=r"(?i)shape|size|length|match|rows|mask|reward"):
+            fn()
+
+
+def test_mask_with_one_after_zero_raises():
+    ids, mask, r = _ok_inputs()
+    bad = mask.clone()
+    bad[0] = torch.tensor([1, 0, 1])
+    for name, fn in _call_all(ids, bad, r, 2).items():
+        with pytest.raises(ValueError, match=r"(?i)mask|prefix|pad|contig"):
+            fn()
+
+
+@pytest.mark.parametrize("bad_value", [float("nan"), float("inf"), float("-inf")])
+def test_non_finite_rewards_raise(bad_value):
+    ids, mask, r = _ok_inputs()
+    r = r.clone()
+    r[1] = bad_value
+    with pytest.raises(ValueError, match=r"(?i)nan|finite|inf|reward"):
+        lgrpo.group_advantages(r, 2)
+    with pytest.raises(ValueError, match=r"(?i)nan|finite|inf|reward"):
+        lgrpo.step_advantages(ids, mask, r, 2)
+
+
+# =====================================================================================
+# CLI test: `python lgrpo.py verify` end to end
+# =====================================================================================
+@pytest.mark.cli
+def test_cli_verify_command_passes():
+    # The Theorem-1 self-check CLI runs end to end, exits 0 and reports no FAIL.
+    proc = subprocess.run([sys.executable, "lgrpo.py", "verify"], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "FAIL" not in proc.stdout
+    assert proc.stdout.strip(), "verify printed nothing"
