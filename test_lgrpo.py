@@ -1063,3 +1063,433 @@ def test_cli_verify_command_passes():
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "FAIL" not in proc.stdout
     assert proc.stdout.strip(), "verify printed nothing"
+
+
+# =====================================================================================
+# --- reward parser (issue 4): exact match of the final answer ---
+# =====================================================================================
+LONG_PROSE = "In 1999 there were 365 days, 12 months and 7.5 cups of tea. " * 200
+
+REWARD_CASES = [
+    # (completion, reference, expected reward)
+    (r"So the answer is \boxed{72}.", "#### 72", 1.0),
+    (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
+    (r"First \boxed{3}, no wait, \boxed{4}.", "4", 1.0),
+    (r"First \boxed{3}, no wait, \boxed{4}.", "3", 0.0),
+    (r"Answer \boxed{7}. Double-check: \boxed{12", "7", 1.0),   # unclosed last box
+    (r"Answer \boxed{7}. Double-check: \boxed{12", "12", 0.0),
+    ("She has 3 apples, buys 5 more, so 8 apples.", "#### 8", 1.0),  # last number
+    ("I am not sure how to solve this.", "#### 8", 0.0),
+    ("", "#### 8", 0.0),
+    ("Natalia sold 48/2 = 24 clips.\n", "Natalia sold...\n#### 72", 0.0),
+    (r"The total is \boxed{1234}.", "He pays 1,000+234 = <<1234>>1,234\n#### 1,234", 1.0),
+    (r"The total is \boxed{1,234}.", "#### 1234", 1.0),
+    ("The total is 1,234 dollars.", "#### 1234", 1.0),
+    (r"\boxed{\$18}", "#### 18", 1.0),
+    (r"\boxed{$18$}", "#### 18", 1.0),
+    ("It costs 18 dollars", "#### 18", 1.0),
+    (r"\boxed{50\%}", "#### 50", 1.0),
+    (r"\boxed{50%}", "#### 50", 1.0),
+    (r"\boxed{5.0}", "#### 5", 1.0),
+    (r"\boxed{2.50}", "2.5", 1.0),
+    (r"\boxed{-3}", "#### -3", 1.0),
+    ("The temperature drops to -3 degrees.", "#### -3", 1.0),
+    (r"\boxed{3}", "#### -3", 0.0),
+    (r"\boxed{\dfrac{3}{4}}", "3/4", 1.0),
+    (r"\boxed{-\tfrac{3}{4}}", r"\frac{-3}{4}", 1.0),
+    (r"\boxed{0.75}", r"$\boxed{\frac34}$", 0.0),  # short \frac34 form is not parsed
+    (r"\boxed{\text{Monday}}", "Monday", 1.0),
+    (r"\boxed{5\text{ cm}}", r"The side is \boxed{5 \text{cm}}.", 1.0),
+    (r"\boxed{18 \text{ dollars}}", "#### 18", 0.0),  # units in the box: strict
+    (r"\boxed{71}", "#### 72", 0.0),
+    (r"\boxed{90^\circ}", "90", 1.0),
+    (r"\boxed{90^{\circ}}", r"\boxed{90}", 1.0),
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"So $x = \boxed{\frac{\sqrt3}{2}}$.", 0.0),
+    (r"\boxed{\frac{\sqrt{3}}{2}}", r"Hence \boxed{\frac{\sqrt{3}}{2}}.", 1.0),
+    (r"\boxed{\left( 1, 2 \right)}", "(1,2)", 1.0),
+    (r"\boxed{(1, 2)}", "(2,1)", 0.0),
+    (LONG_PROSE + r"\boxed{42}" + " Also 99 is a number.", "#### 42", 1.0),
+    ("#### 5\nActually the total is 7", "#### 5", 0.0),
+    ("#### 5\nActually the total is \\boxed{7}, not 5", "#### 7", 1.0),
+    (r"The answer is \boxed{8}.", "#### 8.", 1.0),
+    (r"\boxed{\,1\!000}", "#### 1000", 1.0),
+    (r"\boxed{}", "", 0.0),
+    (r"\boxed{1/0}", "#### 0", 0.0),
+    (r"\boxed{__import__('os').system('x')}", "#### 0", 0.0),
+    ("__import__('os').system('x')", "#### 0", 0.0),
+]
+
+
+@pytest.mark.parametrize("completion, reference, expected", REWARD_CASES)
+def test_math_reward(completion, reference, expected):
+    assert lgrpo.math_reward(completion, reference) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"\boxed{5}", "5"),
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    (r"\boxed{\{1, 2\}}", r"\{1, 2\}"),
+    (r"\fbox{7}", "7"),
+    (r"\boxed{1} then \fbox{2}", "2"),
+    (r"\boxed{1} then \boxed{2", "1"),
+    (r"\boxed{\frac{1}{2}", None),
+    ("no box here 5", None),
+    ("", None),
+])
+def test_last_boxed(text, expected):
+    assert lgrpo.last_boxed(text) == expected
+
+
+@pytest.mark.parametrize("text, expected", [
+    ("", False),
+    ("Let me think about 3 + 4 = 7.", False),
+    (r"So the answer is \boxed{", False),
+    (r"So the answer is \boxed{1", False),
+    (r"So the answer is \boxed{12}", True),
+    (r"\boxed{\frac{1}{2}", False),
+    (r"\boxed{\frac{1}{2}}", True),
+    (r"\boxed{7} and then \boxed{8", True),  # only the first box matters
+])
+def test_boxed_closed(text, expected):
+    assert lgrpo.boxed_closed(text) == expected
+
+
+def test_boxed_closed_token_by_token():
+    text = LONG_PROSE + r"The answer is \boxed{\frac{1}{2}} and more."
+    closed_at = text.index("}} and") + 2  # just after the box's own closing brace
+    flags = [lgrpo.boxed_closed(text[:n]) for n in range(closed_at - 20, closed_at + 5)]
+    assert flags == [False] * 20 + [True] * 5
+
+
+@pytest.mark.parametrize("text, expected", [
+    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
+    ("It is 3, then 4, then 5.", "5"),
+    ("It costs $1,234.50 in total.", "1,234.50"),
+    ("Half of it: 3/4 of a cup", "3/4"),
+    ("Pages 3-5 were missing", "5"),
+    ("The change is -12.5 degrees", "-12.5"),
+    ("The answer is 18.", "18"),
+    ("1,2345", "2345"),
+    ("no digits", None),
+    (r"5 then \boxed{\frac{1}{2}", "2"),  # unclosed box: fall back to last number
+])
+def test_extract_answer(text, expected):
+    assert lgrpo.extract_answer(text) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("0.5", "1/2"),
+    ("1/2", "1/2"),
+    (r"\frac{1}{2}", "1/2"),
+    (r"\dfrac{2}{4}", "1/2"),
+    ("2.0", "2"),
+    ("2.00", "2"),
+    (" 2 ", "2"),
+    ("-0", "0"),
+    ("1,234", "1234"),
+    ("(1,234)", "(1,234)"),
+    (r"\$ 18.", "18"),
+    (r"45^{\circ}", "45"),
+    (r"\text{ Monday }", "Monday"),
+    (r"\left[ 0, 1 \right)", "[0,1)"),
+    ("x = 5", "x=5"),
+    ("1" * 5000, "1" * 5000),  # too long for int(): kept as a string, no crash
+])
+def test_normalize_answer(raw, expected):
+    assert lgrpo.normalize_answer(raw) == expected
+
+
+@pytest.mark.parametrize("reference, expected", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+    ("a #### 1\nb #### 1,234", "1,234"),
+    (r"Thus the answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+    ("  42 \n", "42"),
+])
+def test_reference_answer(reference, expected):
+    assert lgrpo.reference_answer(reference) == expected
+
+
+# =====================================================================================
+# --- toy task (issue 3) ---
+# =====================================================================================
+import itertools
+import json
+import os
+
+
+def run_cli(*args, env=None, timeout=600):
+    """Run `python lgrpo.py ARGS` from the repo; fail with its output if it exits non-zero."""
+    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, args)], cwd=REPO_DIR, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("r_neg", [-0.5, -1.5])
+def test_tree_rewards_on_all_16_paths(n, r_neg):
+    # The reward of every root-to-leaf path, by the rule of PAPER §6, against the vectorized form.
+    target = [2, 1, 1, 2]
+    paths = list(itertools.product([1, 2], repeat=4))
+    expected = [1.0 if list(p) == target else r_neg if list(p[:n]) == target[:n] else 0.7 for p in paths]
+    got = lgrpo.tree_rewards(torch.tensor(paths), torch.tensor(target), n, r_neg)
+    assert got.tolist() == pytest.approx(expected)
+    assert sum(e == r_neg for e in expected) == 2 ** (4 - n) - 1  # the trap: T's subtree minus T
+
+
+def test_toy_lambda_and_grpo_losses_differ_exactly_by_lambda_weights():
+    # On one sampled batch, d loss / d logp of λ-GRPO is GRPO's times 1/|λ| token by token.
+    model, start, actions = lgrpo.toy_policy(None, seed=0)
+    torch.manual_seed(0)
+    paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 16,
+                                     max_new_tokens=4, min_new_tokens=4, eos_token_id=None,
+                                     logits_processor=[lgrpo.AllowTokens(actions)])
+    assert paths.shape == (16, 4) and set(paths.unique().tolist()) <= set(actions)
+    mask = torch.ones_like(paths)
+    a = lgrpo.group_advantages(lgrpo.tree_rewards(paths, paths[0], 1, -1.0), 16)
+    w = lgrpo.lambda_weights(paths, mask, 16)
+    assert (w < 1).any()  # 16 paths over 2 first tokens always share a prefix
+    grads = []
+    for weights in (None, w):
+        logp = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
+        logp.data.copy_(torch.linspace(-2, -0.1, 64, dtype=torch.float64).view(16, 4))
+        lgrpo.policy_loss(logp, logp.detach(), None, a.double(), mask, weights).backward()
+        grads.append(logp.grad)
+    torch.testing.assert_close(grads[1], grads[0] * w.double(), rtol=0, atol=1e-12)
+
+
+def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
+    out = tmp_path / "toy.json"
+    proc = run_cli("toy", "--steps", 3, "--seeds", 2, "--n", 1, "--r-neg", -1.0, "--workers", 1, "--json", out)
+    assert "paper" in proc.stdout and "0.7535" in proc.stdout  # printed beside the paper's Table 1
+    result = json.loads(out.read_text())
+    for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model", "workers"):
+        assert key in result["config"]
+    (cell,) = result["cells"]
+    assert (cell["n"], cell["r_neg"]) == (1, -1.0)
+    for method in ("grpo", "lambda"):
+        r = cell[method]
+        assert len(r["per_seed"]) == 2 and len(r["curve"]) == 3
+        assert r["mean"] == pytest.approx(sum(r["per_seed"]) / 2)
+        assert all(0 <= x <= 1 for x in r["curve"] + r["per_seed"]) and r["ci95"] >= 0
+
+
+def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
+    args = ["toy", "--steps", 4, "--seeds", 2, "--n", 1, "--r-neg", -1.0, "-0.5"]
+    run_cli(*args, "--workers", 1, "--json", tmp_path / "w1.json")
+    run_cli(*args, "--workers", 2, "--json", tmp_path / "w2.json")
+    w1, w2 = (json.loads((tmp_path / f).read_text())["cells"] for f in ("w1.json", "w2.json"))
+    assert w1 == w2
+
+
+def test_toy_run_is_a_function_of_its_seed():
+    kw = dict(n=1, r_neg=-1.0, loss="lambda", steps=6, group_size=16, lr=1e-2, temperature=1.0)
+    assert lgrpo.toy_run(seed=3, **kw) == lgrpo.toy_run(seed=3, **kw)
+    assert lgrpo.toy_run(seed=3, **kw) != lgrpo.toy_run(seed=4, **kw)
+
+
+def test_mean_ci95_uses_student_t():
+    xs = [0.0, 1.0, 0.0, 1.0, 0.5]
+    m, h = lgrpo.mean_ci95(xs)
+    sd = math.sqrt(sum((x - 0.5) ** 2 for x in xs) / 4)
+    assert m == 0.5 and h == pytest.approx(2.776 * sd / math.sqrt(5))  # t(0.975, 4 dof) = 2.776
+
+
+# =====================================================================================
+# --- training an LLM (issue 4): tiny models and data built here, no downloads ---
+# =====================================================================================
+CHARS = list("0123456789+-*/=?.,: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{}\\#$\n'")
+TIMING_KEYS = {"tokens_per_s", "time_gen", "time_score", "time_update", "peak_mem_mb"}
+METRIC_KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "completion_len", "truncated_frac",
+               "zero_std_frac", "path_depth", "intermediate_prop", "flat_frac"} | TIMING_KEYS
+
+
+def char_tokenizer():
+    """A character-level fast tokenizer with bos/eos and NO pad token, built in code."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """A 2-layer Llama from a config plus the char tokenizer, saved like a hub checkpoint."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = char_tokenizer()
+    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
+                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, attention_dropout=0.1)
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    assert tokenizer.pad_token is None
+    return path
+
+
+@pytest.fixture(scope="session")
+def arithmetic_jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            a, b = i % 7 + 1, i % 5 + 2
+            f.write(json.dumps({"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def seven_reward(tmp_path_factory):
+    """A learnable reward plugged in through --reward: 1 for completions that begin with "7"."""
+    path = tmp_path_factory.mktemp("reward")
+    (path / "starts_with_seven.py").write_text(
+        "def reward(completion, reference):\n    return float(completion.startswith('7'))\n\n\n"
+        "def digits(completion, reference):\n    return sum(c.isdigit() for c in completion) / 4\n")
+    return {"PYTHONPATH": str(path)}
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model", model, "--dataset", data, "--output-dir", out, "--max-new-tokens", 12,
+            "--group-size", 4, "--prompts-per-step", 2, "--micro-batch-size", 3, *extra]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+@pytest.mark.parametrize("loss", ["lambda", "grpo"])
+def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp_path, loss):
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 3, "--loss", loss, "--beta", 0.04,
+                        "--updates-per-batch", 2, "--lr", 1e-3, "--save-every", 2, "--eval-every", 3,
+                        "--eval-fraction", 0.2, "--eval-size", 4))
+    rows = read_metrics(out)
+    steps = [r for r in rows if "reward_mean" in r]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and [r["step"] for r in evals] == [3]
+    for r in steps:
+        assert METRIC_KEYS <= set(r)
+        assert r["kl"] is not None and r["kl"] >= 0 and 0 <= r["clip_frac"] <= 1
+        assert 1 <= r["completion_len"] <= 12 and r["path_depth"] >= 1
+    assert steps[0]["kl"] == pytest.approx(0, abs=1e-9)  # before any update, policy = reference
+    ckpt = out / "checkpoint-2"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no temp folder left
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
+        assert (ckpt / name).exists()
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and state["args"]["loss"] == loss and state["optimizer"]["state"]
+
+
+def test_resume_equals_uninterrupted_run(tiny_llama, arithmetic_jsonl, seven_reward, tmp_path):
+    # 4 steps in one go == 2 steps, then --resume to 4: metric for metric (timings aside).
+    common = ("--lr", 1e-2, "--beta", 0.04, "--updates-per-batch", 2, "--save-every", 2,
+              "--reward", "starts_with_seven:digits", "--max-new-tokens", 4)
+    run = lambda out, *extra: run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *common, *extra),
+                                      env=seven_reward)
+    run(tmp_path / "full", "--steps", 4)
+    run(tmp_path / "split", "--steps", 2)
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # a row of a lost step after the checkpoint
+        f.write(json.dumps({"step": 3, "reward_mean": 99.0}) + "\n")
+    run(tmp_path / "split", "--steps", 4, "--resume")
+    full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+    assert len(full) == 4 and strip(full) == strip(split)
+    assert all(r["reward_std"] > 0 for r in full) and full[-1]["kl"] > 1e-6  # the policy did move
+
+
+def test_learnable_reward_rises(tiny_llama, arithmetic_jsonl, seven_reward, tmp_path):
+    # λ-GRPO must make completions that begin with "7" more frequent.
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 30, "--lr", 3e-2, "--group-size", 8,
+                        "--max-new-tokens", 3, "--micro-batch-size", 16, "--reward", "starts_with_seven:reward",
+                        "--no-stop-at-boxed"), env=seven_reward)
+    rewards = [r["reward_mean"] for r in read_metrics(out)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.3, rewards
+
+
+def test_missing_field_lists_the_columns(tiny_llama, arithmetic_jsonl, tmp_path):
+    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(
+        tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--prompt-field", "problem"))],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0
+    assert "problem" in proc.stderr and "['question', 'answer']" in proc.stderr and "--prompt-field" in proc.stderr
+
+
+def test_eos_stays_in_the_mask_when_pad_equals_eos():
+    eos = 1
+    ids = torch.tensor([[5, 6, eos, eos, eos],   # ended: EOS then padding that is also EOS
+                        [5, eos, eos, eos, eos],
+                        [5, 6, 7, 8, 9]])        # never ended: truncated
+    mask, truncated = lgrpo.completion_mask(ids, {eos})
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_sampled_completions_keep_their_eos_with_a_pad_less_tokenizer(tiny_llama):
+    # Real generate() with pad = eos: every row that ended keeps exactly one EOS in its mask.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    enc = tokenizer(["What is 1+2?", "Hi"], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    eos_often = lambda input_ids, scores: scores + 3.0 * (torch.arange(scores.shape[1]) == 1)  # rows end early
+    ids = lgrpo.sample_completions(model, enc["input_ids"], enc["attention_mask"], 4, batch_size=3,
+                                   pad_token_id=1, eos_token_id=1, max_new_tokens=20,
+                                   logits_processor=[eos_often])
+    mask, truncated = lgrpo.completion_mask(ids, {1})
+    ended = ~truncated
+    assert ended.any()
+    assert ((ids == 1) & mask.bool()).sum(1)[ended].eq(1).all()        # the EOS itself is kept
+    assert ids[ended].gather(1, mask[ended].sum(1, keepdim=True) - 1).eq(1).all()  # ...as the last token
+
+
+def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    texts = ["so \\boxed{1{2}3} then more", "no box at all here", "\\boxed{7}"]
+    ids = lgrpo.pad_completions([tokenizer(t, add_special_tokens=False).input_ids for t in texts], pad_id=1)[0]
+    lengths = lgrpo.boxed_lengths(tokenizer, ids)
+    assert lengths.tolist() == [len("so \\boxed{1{2}3}"), ids.shape[1], len("\\boxed{7}")]
+    # generate() asks the criterion after every new token: it must first say "done" exactly there.
+    stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
+    fired = torch.stack([stop(ids[:, :n], None) for n in range(1, ids.shape[1] + 1)], 1)
+    assert fired.int().argmax(1).add(1)[[0, 2]].tolist() == [lengths[0], lengths[2]] and not fired[1].any()
+
+
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_micro_batches_give_the_full_batch_update(aggregation):
+    # Gradient accumulation must reproduce the full-batch loss gradient exactly (float64, SGD).
+    ids, mask = lgrpo.pad_completions(THEOREM_LIKE_GROUP + THEOREM_LIKE_GROUP[::-1])
+    prompt = torch.full((ids.shape[0], 2), 7)
+    input_ids, attention = torch.cat([prompt, ids], 1), torch.cat([torch.ones_like(prompt), mask], 1)
+    a = lgrpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 1.0] * 2, dtype=torch.float64), 6)
+    w = lgrpo.lambda_weights(ids, mask, 6, dtype=torch.float64)
+    params = []
+    for mb in (None, 4):
+        model = lgrpo.tiny_gpt2(8, seed=0, dtype=torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        lgrpo.grpo_update(model, opt, input_ids, attention, 2, mask, a, w, micro_batch_size=mb,
+                          aggregation=aggregation, max_grad_norm=math.inf)
+        params.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert not torch.equal(params[0], torch.cat([p.flatten() for p in lgrpo.tiny_gpt2(8, seed=0).double().parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-12)
+
+
+THEOREM_LIKE_GROUP = [[1, 2, 3, 4], [1, 2, 5, 6, 7, 3], [1, 2, 3, 4], [6, 6, 2], [6, 6, 2, 5, 1], [3, 1]]
+
+
+def test_lora_without_peft_is_a_clear_error(tiny_llama, arithmetic_jsonl, tmp_path):
+    try:
+        import peft  # noqa: F401
+        pytest.skip("peft is installed here; the error path needs it absent")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(
+        tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--lora-r", 4))],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "pip install peft" in proc.stderr
