@@ -11,7 +11,7 @@ The file reads top to bottom in the paper's order:
   4. λ-GRPO                            divide each token's term by the size of its process set
   5. Theorem 1, checked numerically    `python lgrpo.py verify`
   6. Training an LLM                   `python lgrpo.py train --model ... --dataset ...`
-  7. The toy task (Table 1)            `python lgrpo.py` (the default job, CPU, ~1 minute)
+  7. The toy task (Table 1)            `python lgrpo.py` (the default job: CPU, about 2 minutes)
   8. Benchmark                         `python lgrpo.py bench`
   9. Command line
 
@@ -24,9 +24,9 @@ import argparse
 import copy
 import dataclasses
 import json
+import importlib
 import math
 import os
-import importlib
 import random
 import re
 import shutil
@@ -148,8 +148,8 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, chunk_tok
     The prompt is left-padded, so positions come from the attention mask, as in generate();
     otherwise scoring would see other positions than sampling did. Only the completion's logits
     are computed (`logits_to_keep`), and they are turned into log-probs in chunks of about
-    `chunk_tokens` logits, each recomputed in the backward pass, so that no float32 copy of the
-    full [B, T, V] logits ever exists (PAPER §8).
+    `chunk_tokens` logits; with bf16/fp16 logits each chunk is recomputed in the backward pass, so
+    that no float32 copy of the full [B, T, V] logits is ever kept (PAPER §8).
     """
     T = input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -218,9 +218,8 @@ def _process_set_membership(completion_ids, completion_mask, group_size):
     Pairwise within each group: [B/G, G, G, T] booleans, no Python loop over tokens.
     """
     mask = _check_completions(completion_ids, completion_mask, group_size)
-    T = completion_ids.shape[1]
-    ids = completion_ids.view(-1, group_size, T)
-    mask = mask.view(-1, group_size, T)
+    shape = (completion_ids.shape[0] // group_size, group_size, completion_ids.shape[1])
+    ids, mask = completion_ids.view(shape), mask.view(shape)
     agree = (ids[:, :, None] == ids[:, None]) & mask[:, :, None] & mask[:, None]
     return agree.cummin(-1).values
 
@@ -319,8 +318,9 @@ def trie_stats(completion_ids, completion_mask, group_size):
     nonempty = (lengths > 0).view(-1, group_size).double()
     n = nonempty.sum(1).clamp(min=1)
     per_group = lambda x: ((x.view(-1, group_size) * nonempty).sum(1) / n).mean().item()
+    flat = (sizes <= 1).view(sizes.shape[0] // group_size, group_size * sizes.shape[1]).all(1)
     return {"path_depth": per_group(depth), "intermediate_prop": per_group(inter),
-            "flat_frac": (sizes <= 1).view(-1, group_size * sizes.shape[1]).all(1).double().mean().item()}
+            "flat_frac": flat.double().mean().item()}
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
@@ -556,36 +556,41 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     λ-GRPO when `weights` are `lambda_weights`, GRPO when None. Each micro-batch's loss is scaled
     by its share of the batch's normalizer (tokens for "token", completions for "sequence"), so
     gradient accumulation gives exactly the full-batch gradient. `old_logp` is needed when μ > 1
-    (with μ = 1 it is logp itself, detached); `ref_logp` when β > 0. Returns tensor statistics.
+    (with μ = 1 it is logp itself, detached); `ref_logp` when β > 0. Returns tensor statistics:
+    the loss and clipped share averaged over the μ updates, the k3 KL of the sampling policy.
     """
     B = input_ids.shape[0]
     mb = micro_batch_size or B
     if updates_per_batch > 1 and old_logp is None:
         raise ValueError("updates_per_batch > 1 needs old_logp, the sampling policy's log-probs.")
-    norm = completion_mask.sum().clamp(min=1) if aggregation == "token" else B
-    pick = lambda x, s: None if x is None else x[s:s + mb]
-    totals = {"loss": 0.0, "clip_frac": 0.0}
-    for _ in range(updates_per_batch):
+    n_tokens = completion_mask.sum().clamp(min=1)
+    norm = n_tokens if aggregation == "token" else B
+    stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
+    for update in range(updates_per_batch):
         for s in range(0, B, mb):
-            mask = completion_mask[s:s + mb]
-            logp = token_logprobs(model, input_ids[s:s + mb], attention_mask[s:s + mb], completion_start)
-            old = logp.detach() if old_logp is None else old_logp[s:s + mb]
-            loss = policy_loss(logp, old, pick(ref_logp, s), advantages[s:s + mb], mask,
-                               pick(weights, s), clip_eps, beta, aggregation)
-            # In the loss's dtype: int / int would give float32 and round the share.
-            share = torch.as_tensor(mask.sum() if aggregation == "token" else mask.shape[0], dtype=loss.dtype) / norm
+            rows, mask = slice(s, s + mb), completion_mask[s:s + mb]
+            logp = token_logprobs(model, input_ids[rows], attention_mask[rows], completion_start)
+            old = logp.detach() if old_logp is None else old_logp[rows]
+            ref = None if ref_logp is None else ref_logp[rows]
+            loss = policy_loss(logp, old, ref, advantages[rows], mask,
+                               None if weights is None else weights[rows], clip_eps, beta, aggregation)
+            # This micro-batch's share of the normalizer, in the loss's dtype (int / int is float32).
+            share = torch.as_tensor(mask.sum() if aggregation == "token" else mask.shape[0],
+                                    dtype=loss.dtype) / norm
             (loss * share).backward()
-            with torch.no_grad():
-                A = advantages[s:s + mb]
-                A = A[:, None] if A.dim() == 1 else A
-                ratio = torch.exp(logp.detach() - old)
+            with torch.no_grad():  # statistics stay tensors: no host sync inside the loop
+                A = advantages[rows][:, None] if advantages.dim() == 1 else advantages[rows]
+                ratio, valid = torch.exp(logp.detach() - old), mask.bool()
                 clipped = ((ratio < 1 - clip_eps) & (A < 0)) | ((ratio > 1 + clip_eps) & (A > 0))
-                totals["loss"] += loss.detach() * share / updates_per_batch
-                totals["clip_frac"] += (clipped & mask.bool()).sum() / completion_mask.sum().clamp(min=1) / updates_per_batch
-        totals["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
+                stats["loss"] += loss.detach() * share / updates_per_batch
+                stats["clip_frac"] += (clipped & valid).sum() / n_tokens / updates_per_batch
+                if ref is not None and update == 0:  # KL(π_old ‖ π_ref) on π_old's own samples
+                    d = (ref - logp.detach())[valid]
+                    stats["kl"] += (torch.exp(d) - d - 1).sum() / n_tokens
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    return totals
+    return stats
 
 
 # The reward: exact match of the final answer. Model output is parsed, never evaluated.
@@ -932,13 +937,9 @@ def train(args):
         if device.type == "cuda":
             torch.cuda.synchronize()
         t3 = time.perf_counter()
-        kl = None
-        if ref_logp is not None:
-            with torch.no_grad():  # k3 KL of the sampling policy against the reference
-                d = (ref_logp - (old_logp if old_logp is not None else scored(model)))[mask.bool()]
-                kl = (torch.exp(d) - d - 1).mean().item()
         row = {"step": step + 1, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-               "loss": float(stats["loss"]), "kl": kl, "clip_frac": float(stats["clip_frac"]),
+               "loss": float(stats["loss"]), "kl": float(stats["kl"]) if args.beta > 0 else None,
+               "clip_frac": float(stats["clip_frac"]),
                "grad_norm": float(stats["grad_norm"]),
                "completion_len": mask.sum(1).double().mean().item(), "truncated_frac": truncated.double().mean().item(),
                "zero_std_frac": (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).double().mean().item(),
