@@ -97,9 +97,10 @@ def group_advantages(rewards, group_size, eps=1e-4):
     return torch.where(flat, torch.zeros_like(a), a).view(-1)
 
 
-def completion_mask(completion_ids, eos_token_ids, lengths=None):
-    """1 on the tokens of each completion up to and including its first EOS (and before
-    `lengths`, where a stopping rule cut it), 0 after. Also returns which rows were truncated.
+def completion_mask(completion_ids, eos_token_ids, stop_lengths=None):
+    """1 on the tokens of each completion up to and including its first EOS, 0 after; also which
+    rows were truncated (neither an EOS nor a stop). `stop_lengths`: where a stopping rule ended
+    each row, or any value > T where it did not.
 
     Read from the first EOS, never from `!= pad_token_id`: with pad = eos that would drop the real
     EOS from the loss and the model would never learn to stop (PAPER §8).
@@ -109,10 +110,10 @@ def completion_mask(completion_ids, eos_token_ids, lengths=None):
     before_eos = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
     mask = before_eos
     finished = is_eos.any(1)
-    if lengths is not None:
+    if stop_lengths is not None:
         positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
-        mask = mask & (positions < lengths[:, None])
-        finished = finished | (lengths < completion_ids.shape[1])
+        mask = mask & (positions < stop_lengths[:, None])
+        finished = finished | (stop_lengths <= completion_ids.shape[1])
     return mask.long(), ~finished
 
 
@@ -746,7 +747,7 @@ class StopWhenBoxed:
 
 def boxed_lengths(tokenizer, completion_ids):
     """Per row, the number of tokens up to where the first box closed (generate pads after it),
-    or the full width where it never closed. Binary search: the box stays closed once closed."""
+    or T + 1 where it never closed. Binary search: once closed, the box stays closed."""
     T = completion_ids.shape[1]
     lengths = []
     for ids in completion_ids.tolist():
@@ -754,7 +755,7 @@ def boxed_lengths(tokenizer, completion_ids):
         while lo < hi:
             mid = (lo + hi) // 2
             lo, hi = (lo, mid) if boxed_closed(tokenizer.decode(ids[:mid])) else (mid + 1, hi)
-        lengths.append(min(lo, T))
+        lengths.append(lo)
     return torch.tensor(lengths, device=completion_ids.device)
 
 

@@ -1454,7 +1454,12 @@ def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
     texts = ["so \\boxed{1{2}3} then more", "no box at all here", "\\boxed{7}"]
     ids = lgrpo.pad_completions([tokenizer(t, add_special_tokens=False).input_ids for t in texts], pad_id=1)[0]
     lengths = lgrpo.boxed_lengths(tokenizer, ids)
-    assert lengths.tolist() == [len("so \\boxed{1{2}3}"), ids.shape[1], len("\\boxed{7}")]
+    assert lengths.tolist() == [len("so \\boxed{1{2}3}"), ids.shape[1] + 1, len("\\boxed{7}")]
+    # A box that closes on the last column is a stop, not a truncation.
+    full = lgrpo.pad_completions([tokenizer("x \\boxed{12}", add_special_tokens=False).input_ids,
+                                  tokenizer("\\boxed{7}", add_special_tokens=False).input_ids], pad_id=1)[0]
+    mask, truncated = lgrpo.completion_mask(full, {1}, lgrpo.boxed_lengths(tokenizer, full))
+    assert truncated.tolist() == [False, False] and mask.sum(1).tolist() == [12, 9]
     # generate() asks the criterion after every new token: it must first say "done" exactly there.
     stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
     fired = torch.stack([stop(ids[:, :n], None) for n in range(1, ids.shape[1] + 1)], 1)
@@ -1493,3 +1498,33 @@ def test_lora_without_peft_is_a_clear_error(tiny_llama, arithmetic_jsonl, tmp_pa
         tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--lora-r", 4))],
         cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0 and "pip install peft" in proc.stderr
+
+
+def test_toy_with_a_pretrained_causal_lm_samples_only_L_and_R(tiny_llama):
+    # --toy-model: a saved causal LM plays the policy; every token but "L" and "R" is masked.
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    L, R = tokenizer.convert_tokens_to_ids(["L", "R"])
+    model, start, actions = lgrpo.toy_policy(str(tiny_llama), seed=0)
+    assert actions == [L, R] and start == tokenizer.bos_token_id
+    frequency = lgrpo.toy_run(1, -1.0, "lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
+                              toy_model=str(tiny_llama))
+    assert len(frequency) == 3 and all(f in {i / 8 for i in range(9)} for f in frequency)
+    torch.manual_seed(0)
+    paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 8,
+                                     max_new_tokens=4, eos_token_id=None, logits_processor=[lgrpo.AllowTokens(actions)])
+    assert set(paths.unique().tolist()) <= {L, R}
+
+
+# =====================================================================================
+# --- tutorial notebook (issue 5): executed end to end, shrunk with LGRPO_FAST=1 ---
+# =====================================================================================
+def test_tutorial_notebook_runs_top_to_bottom(monkeypatch):
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    monkeypatch.setenv("LGRPO_FAST", "1")  # the kernel inherits it
+    nb = nbformat.read(REPO_DIR / "tutorial.ipynb", as_version=4)
+    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO_DIR)}}).execute()  # raises on any error
+    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "import lgrpo" in source and "def lambda_weights" not in source  # imports, never copies
