@@ -137,17 +137,19 @@ def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=No
     return torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
 
 
-def _logprobs_of(logits, targets):
+def _logprobs_of(logits, targets, temperature):
     # log π(y_t) = logit[y_t] − logsumexp(logits): no [.., V] log_softmax tensor is kept.
-    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_start, chunk_tokens=1 << 26):
+def token_logprobs(model, input_ids, attention_mask, completion_start, temperature=1.0, chunk_tokens=1 << 26):
     """log π(y_t | q, y_<t) for the completion positions `completion_start:` of [prompt | completion].
 
-    The prompt is left-padded, so positions come from the attention mask, as in generate();
-    otherwise scoring would see other positions than sampling did. Only the completion's logits
+    π is the distribution the tokens were sampled from, softmax(logits / temperature), so that
+    the ratio P and the gradient belong to the sampling policy (as in TRL). The prompt is
+    left-padded, so positions come from the attention mask, as in generate(); otherwise scoring
+    would see other positions than sampling did. Only the completion's logits
     are computed (`logits_to_keep`), and they are turned into log-probs in chunks of about
     `chunk_tokens` logits; with bf16/fp16 logits each chunk is recomputed in the backward pass, so
     that no float32 copy of the full [B, T, V] logits is ever kept (PAPER §8).
@@ -160,7 +162,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, chunk_tok
     step = max(1, chunk_tokens // max(1, logits.shape[0] * logits.shape[-1]))
     out = []
     for s in range(0, T, step):
-        args = (logits[:, s:s + step], targets[:, s:s + step])
+        args = (logits[:, s:s + step], targets[:, s:s + step], temperature)
         # Recomputing pays only when the float32 copy is new memory (bf16/fp16 logits).
         if logits.requires_grad and logits.dtype not in (torch.float32, torch.float64):
             out.append(torch.utils.checkpoint.checkpoint(_logprobs_of, *args, use_reentrant=False))
@@ -551,13 +553,15 @@ def verify():
 
 def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, completion_mask,
                 advantages, weights=None, old_logp=None, ref_logp=None, updates_per_batch=1,
-                micro_batch_size=None, clip_eps=0.2, beta=0.0, aggregation="token", max_grad_norm=1.0):
+                micro_batch_size=None, clip_eps=0.2, beta=0.0, aggregation="token", max_grad_norm=1.0,
+                temperature=1.0):
     """μ = `updates_per_batch` optimizer steps on one batch of groups (PAPER §1).
 
     λ-GRPO when `weights` are `lambda_weights`, GRPO when None. Each micro-batch's loss is scaled
     by its share of the batch's normalizer (tokens for "token", completions for "sequence"), so
     gradient accumulation gives exactly the full-batch gradient. `old_logp` is needed when μ > 1
-    (with μ = 1 it is logp itself, detached); `ref_logp` when β > 0. Returns tensor statistics:
+    (with μ = 1 it is logp itself, detached); `ref_logp` when β > 0; all three at the sampling
+    `temperature`. Returns tensor statistics:
     the loss and clipped share averaged over the μ updates, the k3 KL of the sampling policy.
     """
     B = input_ids.shape[0]
@@ -570,7 +574,7 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     for update in range(updates_per_batch):
         for s in range(0, B, mb):
             rows, mask = slice(s, s + mb), completion_mask[s:s + mb]
-            logp = token_logprobs(model, input_ids[rows], attention_mask[rows], completion_start)
+            logp = token_logprobs(model, input_ids[rows], attention_mask[rows], completion_start, temperature)
             old = logp.detach() if old_logp is None else old_logp[rows]
             ref = None if ref_logp is None else ref_logp[rows]
             loss = policy_loss(logp, old, ref, advantages[rows], mask,
@@ -920,7 +924,7 @@ def train(args):
         input_ids = torch.cat([enc["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
         attention = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask], 1)
         mb = args.micro_batch_size
-        scored = lambda m: torch.cat([token_logprobs(m, input_ids[s:s + mb], attention[s:s + mb], P)
+        scored = lambda m: torch.cat([token_logprobs(m, input_ids[s:s + mb], attention[s:s + mb], P, args.temperature)
                                       for s in range(0, input_ids.shape[0], mb)])
         with torch.no_grad():
             old_logp = scored(model) if args.updates_per_batch > 1 else None
@@ -934,7 +938,7 @@ def train(args):
         model.train()
         stats = grpo_update(model, optimizer, input_ids, attention, P, mask, advantages, weights, old_logp,
                             ref_logp, args.updates_per_batch, mb, args.clip_eps, args.beta, args.aggregation,
-                            args.max_grad_norm)
+                            args.max_grad_norm, args.temperature)
         if device.type == "cuda":
             torch.cuda.synchronize()
         t3 = time.perf_counter()
@@ -1039,7 +1043,7 @@ def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=
             weights = lambda_weights(paths, mask, group_size) if loss == "lambda" else None
             grpo_update(model, optimizer, torch.cat([prompt.expand(group_size, -1), paths], 1),
                         torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long), 1, mask,
-                        group_advantages(rewards, group_size), weights)
+                        group_advantages(rewards, group_size), weights, temperature=temperature)
             frequency.append((paths == target).all(1).double().mean().item())
         return frequency
     finally:

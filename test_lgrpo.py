@@ -1528,3 +1528,14 @@ def test_tutorial_notebook_runs_top_to_bottom(monkeypatch):
                             resources={"metadata": {"path": str(REPO_DIR)}}).execute()  # raises on any error
     source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
     assert "import lgrpo" in source and "def lambda_weights" not in source  # imports, never copies
+
+
+def test_token_logprobs_score_the_tempered_sampling_distribution():
+    # Sampling at temperature τ draws from softmax(logits / τ): the log-probs must be of that.
+    model = lgrpo.tiny_gpt2(8, seed=0, dtype=torch.float64)
+    ids = torch.tensor([[7, 7, 1, 2, 3], [7, 7, 4, 5, 6]])
+    with torch.no_grad():
+        logits = model(ids).logits[:, 1:-1] / 0.7
+        naive = torch.log_softmax(logits, -1).gather(-1, ids[:, 2:, None]).squeeze(-1)
+        got = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7)
+    torch.testing.assert_close(got, naive, rtol=0, atol=1e-12)
