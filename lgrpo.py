@@ -143,7 +143,7 @@ def _logprobs_of(logits, targets, temperature):
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_start, temperature=1.0, chunk_tokens=1 << 26):
+def token_logprobs(model, input_ids, attention_mask, completion_start, temperature=1.0, chunk_tokens=1 << 24):
     """log π(y_t | q, y_<t) for the completion positions `completion_start:` of [prompt | completion].
 
     π is the distribution the tokens were sampled from, softmax(logits / temperature), so that
@@ -154,21 +154,24 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, temperatu
     `chunk_tokens` logits; with bf16/fp16 logits each chunk is recomputed in the backward pass, so
     that no float32 copy of the full [B, T, V] logits is ever kept (PAPER §8).
     """
-    T = input_ids.shape[1] - completion_start
+    B, T = input_ids.shape[0], input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
-                   logits_to_keep=T + 1, use_cache=False).logits[:, :-1]
+                   logits_to_keep=T + 1, use_cache=False).logits  # predictions for y_0 … y_T
     targets = input_ids[:, completion_start:]
-    step = max(1, chunk_tokens // max(1, logits.shape[0] * logits.shape[-1]))
+    step = max(1, chunk_tokens // (B * logits.shape[-1]))
+    # One split into chunks (the last position predicts past the end and is dropped): its backward
+    # assembles a single gradient, where slicing would allocate a full-size gradient per chunk.
+    chunks = logits.split([min(step, T - s) for s in range(0, T, step)] + [1], dim=1)[:-1]
     out = []
-    for s in range(0, T, step):
-        args = (logits[:, s:s + step], targets[:, s:s + step], temperature)
+    for chunk, target in zip(chunks, targets.split(step, dim=1)):
         # Recomputing pays only when the float32 copy is new memory (bf16/fp16 logits).
-        if logits.requires_grad and logits.dtype not in (torch.float32, torch.float64):
-            out.append(torch.utils.checkpoint.checkpoint(_logprobs_of, *args, use_reentrant=False))
+        if chunk.requires_grad and chunk.dtype not in (torch.float32, torch.float64):
+            out.append(torch.utils.checkpoint.checkpoint(_logprobs_of, chunk, target, temperature,
+                                                         use_reentrant=False))
         else:
-            out.append(_logprobs_of(*args))
-    return torch.cat(out, 1) if out else logits.new_zeros(input_ids.shape[0], 0, dtype=torch.float32)
+            out.append(_logprobs_of(chunk, target, temperature))
+    return torch.cat(out, 1) if out else logits.new_zeros(B, 0, dtype=torch.float32)
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_eps=0.2, beta=0.0,
@@ -213,18 +216,27 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_e
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def _process_set_membership(completion_ids, completion_mask, group_size):
-    """in_set[g, i, k, t] is True iff completion k is in λ^(i,t), i.e. y^(k)[:t+1] = y^(i)[:t+1].
+def _shared_prefix_lengths(completion_ids, completion_mask, group_size):
+    """lcp[g, i, k]: how many leading tokens completions i and k of group g share.
 
-    Two completions agree at t when both have a real token there and it is the same token; they
-    share the prefix up to t when they agree at every position ≤ t (a running AND along t).
-    Pairwise within each group: [B/G, G, G, T] booleans, no Python loop over tokens.
+    Two completions agree at t when both have a real token there and it is the same token; their
+    shared prefix ends at the first t where they do not. So k ∈ λ^(i,t) exactly when lcp > t.
+    Pairwise within each group: one [B/G, G, G, T] boolean tensor, no Python loop over tokens.
     """
     mask = _check_completions(completion_ids, completion_mask, group_size)
     shape = (completion_ids.shape[0] // group_size, group_size, completion_ids.shape[1])
     ids, mask = completion_ids.view(shape), mask.view(shape)
-    agree = (ids[:, :, None] == ids[:, None]) & mask[:, :, None] & mask[:, None]
-    return agree.cummin(-1).values
+    differ = (ids[:, :, None] != ids[:, None]) | ~mask[:, :, None] | ~mask[:, None]
+    differ = F.pad(differ, (0, 1), value=True)  # a sentinel, so that every pair differs somewhere
+    return differ.view(torch.uint8).argmax(-1)  # argmax returns the first maximum
+
+
+def _process_set_sums(lcp, values, T):
+    """Σ_{k ∈ λ^(i,t)} values_k for every (g, i, t): the members are the k with lcp[g, i, k] > t,
+    so the sum is the total minus a running sum over a histogram of the lcp values."""
+    by_lcp = torch.zeros(*lcp.shape[:2], T + 1, dtype=values.dtype, device=lcp.device)
+    by_lcp.scatter_add_(2, lcp, values[:, None, :].expand_as(lcp))
+    return values.sum(1)[:, None, None] - by_lcp.cumsum(2)[..., :T]
 
 
 def process_set_sizes(completion_ids, completion_mask, group_size):
@@ -232,8 +244,9 @@ def process_set_sizes(completion_ids, completion_mask, group_size):
 
     Identical completions are separate members; 0 on padding.
     """
-    in_set = _process_set_membership(completion_ids, completion_mask, group_size)
-    return in_set.sum(2).view(completion_ids.shape)
+    lcp = _shared_prefix_lengths(completion_ids, completion_mask, group_size)
+    ones = torch.ones(lcp.shape[:2], dtype=torch.long, device=lcp.device)
+    return _process_set_sums(lcp, ones, completion_ids.shape[1]).view(completion_ids.shape)
 
 
 @dataclasses.dataclass
@@ -337,15 +350,15 @@ def step_advantages(completion_ids, completion_mask, rewards, group_size, eps=1e
     This is the process reward GRPO secretly uses: since the normalization is affine, A_{i,t} is
     also the mean of the members' outcome advantages a_k, which is how it is computed. 0 on padding.
     """
-    in_set = _process_set_membership(completion_ids, completion_mask, group_size)
     if len(rewards) != completion_ids.shape[0]:
         raise ValueError(f"{len(rewards)} rewards for {completion_ids.shape[0]} completions: give one "
                          "reward per row of completion_ids.")
     a = group_advantages(rewards, group_size, eps).view(-1, group_size)
     a = a.to(torch.promote_types(a.dtype, torch.float32))
-    summed = torch.einsum("gikt,gk->git", in_set.to(a.dtype), a)
-    sizes = in_set.sum(2)
-    return (summed / sizes.clamp(min=1)).view(completion_ids.shape)
+    summed = _process_set_sums(_shared_prefix_lengths(completion_ids, completion_mask, group_size), a,
+                               completion_ids.shape[1]).view(completion_ids.shape)
+    sizes = process_set_sizes(completion_ids, completion_mask, group_size)
+    return torch.where(sizes > 0, summed / sizes.clamp(min=1), 0)  # exactly 0 on padding
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
@@ -724,14 +737,17 @@ def load_problems(args):
     return rows(train_split), rows(evaluation)
 
 
-def chat_prompts(tokenizer, questions, system_prompt):
-    """The tokenizer's chat template when it has one, plain text otherwise."""
+def encode_prompts(tokenizer, questions, system_prompt, device):
+    """Left-padded prompt tensors: the tokenizer's chat template when it has one (it adds its own
+    special tokens), else plain text with the tokenizer's usual special tokens (BOS)."""
     if getattr(tokenizer, "chat_template", None):
-        return [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
-                                               {"role": "user", "content": q}],
-                                              tokenize=False, add_generation_prompt=True)
-                for q in questions]
-    return [f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n" for q in questions]
+        texts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
+                                                {"role": "user", "content": q}],
+                                               tokenize=False, add_generation_prompt=True) for q in questions]
+    else:
+        texts = [f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n" for q in questions]
+    return tokenizer(texts, return_tensors="pt", padding=True,
+                     add_special_tokens=not getattr(tokenizer, "chat_template", None)).to(device)
 
 
 class StopWhenBoxed:
@@ -811,8 +827,7 @@ def evaluate(model, tokenizer, problems, reward_fn, args, device):
     total, width = 0.0, args.generation_batch_size or args.prompts_per_step * args.group_size
     for s in range(0, len(problems), width):
         batch = problems[s:s + width]
-        enc = tokenizer(chat_prompts(tokenizer, [q for q, _ in batch], args.system_prompt),
-                        return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = encode_prompts(tokenizer, [q for q, _ in batch], args.system_prompt, device)
         with torch.no_grad():
             out = model.generate(**enc, do_sample=False, max_new_tokens=args.max_new_tokens,
                                  pad_token_id=tokenizer.pad_token_id)
@@ -901,8 +916,7 @@ def train(args):
             torch.cuda.reset_peak_memory_stats()
         # 1. Rollouts: G completions per prompt.
         problems = step_problems(train_rows, step, args.prompts_per_step, args.seed)
-        enc = tokenizer(chat_prompts(tokenizer, [q for q, _ in problems], args.system_prompt),
-                        return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        enc = encode_prompts(tokenizer, [q for q, _ in problems], args.system_prompt, device)
         P = enc["input_ids"].shape[1]
         model.eval()
         stop = StoppingCriteriaList([StopWhenBoxed(tokenizer, P)]) if args.stop_at_boxed else None

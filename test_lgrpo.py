@@ -1306,12 +1306,13 @@ METRIC_KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "
 
 def char_tokenizer():
     """A character-level fast tokenizer with bos/eos and NO pad token, built in code."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # any char, newlines too
     tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])  # BOS, as Llama's
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
@@ -1539,3 +1540,33 @@ def test_token_logprobs_score_the_tempered_sampling_distribution():
         naive = torch.log_softmax(logits, -1).gather(-1, ids[:, 2:, None]).squeeze(-1)
         got = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7)
     torch.testing.assert_close(got, naive, rtol=0, atol=1e-12)
+
+
+def test_prompts_use_the_chat_template_when_there_is_one(tiny_llama):
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    plain = lgrpo.encode_prompts(tokenizer, ["What is 1+2?", "Hi"], "be brief", "cpu")
+    assert tokenizer.decode(plain["input_ids"][1], skip_special_tokens=True) == "be brief\n\nHi\n"
+    first = plain["attention_mask"][1].argmax()  # left padding: the first real token is BOS
+    assert plain["input_ids"][1, first] == tokenizer.bos_token_id
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    chat = lgrpo.encode_prompts(tokenizer, ["Hi"], "be brief", "cpu")
+    assert tokenizer.decode(chat["input_ids"][0]) == "system: be brief\nuser: Hi\nassistant: "
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_token_logprobs_chunking_changes_neither_values_nor_gradients(dtype):
+    # Chunks of one position (recomputed in backward for bf16) against a single chunk.
+    ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for chunk_tokens in (1 << 24, 1):
+        model = lgrpo.tiny_gpt2(50, seed=0, dtype=dtype)
+        logp = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 4, temperature=0.9, chunk_tokens=chunk_tokens)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (v1, g1), (v2, g2) = results
+    assert torch.equal(v1, v2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-2)
