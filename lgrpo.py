@@ -416,6 +416,22 @@ def tiny_gpt2(vocab_size, n_layer=2, n_embd=32, n_head=2, n_positions=64, seed=0
         return GPT2LMHeadModel(config).to(dtype).eval()
 
 
+TOKENIZER_CHARS = "0123456789+-*/=?.,: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{}()\\#$\n'"
+
+
+def char_tokenizer():
+    """A character-level tokenizer built in code (no download): <s>, </s>, <unk> are ids 0, 1, 2;
+    BOS is prepended as Llama's tokenizer does; there is no pad token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(TOKENIZER_CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
 @dataclasses.dataclass
 class Check:
     name: str
@@ -1129,6 +1145,247 @@ def format_table1(result):
                  f"GRPO {auc('grpo'):.4f}, λ-GRPO {auc('lambda'):.4f}, Δ {auc('lambda') - auc('grpo'):+.4f}")
     return "\n".join(lines)
 
+
+# ─────────────────────────────────────────────────────────────────────────────────────────────
+# 8. Benchmark (`python lgrpo.py bench`)
+# ─────────────────────────────────────────────────────────────────────────────────────────────
+
+def python_trie_sizes(completion_ids, completion_mask):
+    """BASELINE, the slow obvious way (the library never uses it): |λ^(i,t)| for one group from a
+    dict-of-children trie. Walk each completion token by token, counting the completions that pass
+    through each node; once all are in, read each token's node count."""
+    root, paths = {}, []
+    for ids, n in zip(completion_ids.tolist(), completion_mask.sum(1).tolist()):
+        node, path = root, []
+        for token in ids[:n]:
+            child = node.get(token)
+            if child is None:
+                child = node[token] = [0, {}]  # [completions through this node, children]
+            child[0] += 1
+            path.append(child)
+            node = child[1]
+        paths.append(path)
+    T = completion_ids.shape[1]
+    return torch.tensor([[c[0] for c in path] + [0] * (T - len(path)) for path in paths], dtype=torch.long)
+
+
+def bench_group(G, T, generator, skew=1.0, vocab=32000):
+    """G random completions that overlap like real ones: completion i copies a prefix of a random
+    earlier one, u**skew of their common length (u uniform; skew < 1: longer shared prefixes), then
+    goes on with random tokens. Lengths are random in [T/4, T], right-padded; the first fills T and
+    the last repeats it (identical completions are separate members)."""
+    lengths = torch.randint(T // 4, T + 1, (G,), generator=generator)
+    lengths[0] = T
+    ids = torch.randint(1, vocab, (G, T), generator=generator)
+    for i in range(1, G):
+        j = torch.randint(i, (1,), generator=generator).item()
+        n = int(min(lengths[i], lengths[j]) * torch.rand(1, generator=generator).item() ** skew)
+        ids[i, :n] = ids[j, :n]
+    ids[-1], lengths[-1] = ids[0], lengths[0]
+    mask = (torch.arange(T) < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+def _sync(device):
+    if device.type == "cuda":  # kernels run asynchronously: a timer must read finished work
+        torch.cuda.synchronize(device)
+
+
+def _median(xs):
+    xs = sorted(xs)
+    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
+
+
+def timed_ms(fn, device, repeats):
+    """Median wall time of fn() over `repeats` calls, in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return _median(times)
+
+
+def device_name(device):
+    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
+
+
+def bench_process_sets(devices, shapes, repeats):
+    """ms per group of process_set_sizes and lambda_weights, and of the Python trie, on three
+    groups per shape (short, medium and long shared prefixes). Every answer is checked first."""
+    generator, rows = torch.Generator().manual_seed(0), []
+    for G, T in shapes:
+        groups = [bench_group(G, T, generator, skew) for skew in (3.0, 1.0, 0.25)]
+        trie_ms = []
+        for ids, mask in groups:  # one run per group: the trie takes seconds at G=64, T=8192
+            t0 = time.perf_counter()
+            expected = python_trie_sizes(ids, mask)
+            trie_ms.append((time.perf_counter() - t0) * 1e3)
+            for device in devices:  # a bench that compares different answers means nothing
+                got = process_set_sizes(ids.to(device), mask.to(device), G).cpu()
+                assert torch.equal(got, expected), f"process_set_sizes disagrees with the trie, G={G}, T={T}"
+        for device in devices:
+            on = [(ids.to(device), mask.to(device)) for ids, mask in groups]
+            per_group = lambda f: timed_ms(lambda: [f(ids, mask, G) for ids, mask in on], device, repeats) / len(on)
+            ours = per_group(process_set_sizes)
+            rows.append({"device": device_name(device), "G": G, "T": T, "process_set_sizes_ms": ours,
+                         "lambda_weights_ms": per_group(lambda_weights), "python_trie_cpu_ms": _median(trie_ms),
+                         "trie_over_ours": _median(trie_ms) / ours})
+    return rows
+
+
+def bench_train_step(args, device, workdir):
+    """GRPO against λ-GRPO through lgrpo's own `train`, same seed, same batches: a random-init model
+    (Qwen2.5-0.5B's shape in bf16 on a GPU, a tiny Llama on the CPU) with a character tokenizer.
+    EOS is suppressed, so every completion is full length. No completion can reach the answer, so
+    every reward is 0: the weights never move and both losses see the same batch at every step,
+    while a step still does all of a real step's work (a zero advantage is multiplied, not skipped)."""
+    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+    tokenizer, big = char_tokenizer(), device.type == "cuda" and not args.quick
+    shape = (dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
+                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6)
+             if big else dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
+    config = (Qwen2Config if big else LlamaConfig)(**shape, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
+    G, prompts, new_tokens = 8, 4, 16 if args.quick else 512 if big else 64
+    steps = 2 if args.quick else max(2, args.steps)  # step 1 is warm-up, never reported
+    torch.manual_seed(0)
+    with torch.device(device):  # from the config: no download
+        model = (Qwen2ForCausalLM if big else LlamaForCausalLM)(config)
+    model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+    path, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
+    model.to(torch.bfloat16 if big else torch.float32).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    del model
+    with open(data, "w") as f:
+        f.writelines(json.dumps({"question": f"What is {i}+{i + 1}?", "answer": "#### never"}) + "\n"
+                     for i in range(prompts))
+    runs = {}
+    for loss in ("grpo", "lambda"):
+        out = os.path.join(workdir, loss)
+        train(build_parser().parse_args([
+            "train", "--model", path, "--dataset", data, "--output-dir", out, "--loss", loss, "--seed", "0",
+            "--group-size", str(G), "--prompts-per-step", str(prompts), "--max-new-tokens", str(new_tokens),
+            "--steps", str(steps), "--beta", "0.04", "--no-stop-at-boxed"]))
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            runs[loss] = [json.loads(line) for line in f][1:]  # the first step warms up
+    step_s = lambda r: r["time_gen"] + r["time_score"] + r["time_update"]
+    rows = [{"loss": loss, **{k: _median([r[k] for r in rs]) for k in ("time_gen", "time_score", "time_update")},
+             "step_s": _median([step_s(r) for r in rs]),
+             **{k: _median([r[k] for r in rs]) for k in ("tokens_per_s", "peak_mem_mb")}} for loss, rs in runs.items()]
+    ratios = [step_s(l) / step_s(g) for g, l in zip(runs["grpo"], runs["lambda"])]  # paired: the same batch
+    # λ-GRPO's own work, timed alone: the weights of one step's [P·G, T] completions.
+    generator = torch.Generator().manual_seed(1)
+    ids, mask = (torch.cat(x).to(device) for x in zip(*[bench_group(G, new_tokens, generator) for _ in range(prompts)]))
+    lambda_weights(ids, mask, G)  # warm-up
+    weights_ms = timed_ms(lambda: lambda_weights(ids, mask, G), device, 20)
+    result = {"device": device_name(device), "model": config.model_type, "group_size": G, "prompts": prompts,
+              "new_tokens": new_tokens, "measured_steps": len(ratios), "rows": rows,
+              "lambda_over_grpo": {"median": _median(ratios), "min": min(ratios), "max": max(ratios)},
+              "lambda_weights_ms": weights_ms, "lambda_weights_share_of_step": weights_ms / 1e3 / rows[-1]["step_s"]}
+    return result
+
+
+def peak_rss_mb():
+    """This process's peak resident memory in MB: VmHWM on Linux, which /proc/self/clear_refs can
+    reset (ru_maxrss cannot, and a spawned child's starts at its forking parent's peak), else ru_maxrss."""
+    try:
+        with open("/proc/self/status") as f:
+            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
+    except (OSError, StopIteration):
+        import resource
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def logprob_peak_mb(variant, vocab, T, batch=1, prompt=16):
+    """Peak memory (MB) of one forward + backward through the sampled tokens' log-probs, above what
+    was in use before: lgrpo's `token_logprobs` or the naive full-vocabulary log_softmax, on a
+    1-layer bf16 Llama. Run it in a fresh process: on the CPU the gauge is the process's peak RSS."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
+                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=prompt + T,
+                         tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device, torch.bfloat16)
+    ids = torch.randint(vocab, (batch, prompt + T), device=device)
+    attention = torch.ones_like(ids)
+    _sync(device)
+    try:  # Linux: start the peak afresh from the current resident size
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_rss_mb()
+    if variant == "token_logprobs":
+        logp = token_logprobs(model, ids, attention, prompt)
+    else:  # the same logits (`logits_to_keep`): only the log-prob step differs
+        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=T + 1).logits[:, :-1]
+        logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, prompt:, None]).squeeze(-1)
+    logp.sum().backward()
+    _sync(device)
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return peak_rss_mb() - before
+
+
+def bench_logprob_memory(args, device):
+    """token_logprobs against the naive form, each measured in a fresh spawned process."""
+    import multiprocessing
+    vocab, lengths = (4096, [128]) if args.quick else (151936, [512, 2048])
+    rows = []
+    for T in lengths:
+        row = {"device": device_name(device), "vocab": vocab, "T": T, "batch": 1}
+        for variant in ("token_logprobs", "naive"):
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                row[f"{variant}_mb"] = pool.apply(logprob_peak_mb, (variant, vocab, T))
+        # Tiny sizes (--quick on a CPU) may not move the RSS at all.
+        row["ours_over_naive"] = row["token_logprobs_mb"] / row["naive_mb"] if row["naive_mb"] > 0 else None
+        rows.append(row)
+    return rows
+
+
+def format_table(title, rows):
+    """Rows of dicts as aligned text, one column per key; floats to 4 significant digits."""
+    show = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+    cells = [list(rows[0])] + [[show(v) for v in row.values()] for row in rows]
+    widths = [max(len(line[j]) for line in cells) for j in range(len(cells[0]))]
+    return "\n".join([title] + ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells])
+
+
+def bench(args):
+    """`python lgrpo.py bench`: the README's three benchmark tables (timings are never asserted)."""
+    import tempfile
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    shapes = [(8, 512)] if args.quick else [(G, T) for G in (8, 16, 64) for T in (512, 2048, 8192)]
+    # Other work on the machine skews CPU timings (threads wait for descheduled siblings): record it.
+    load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+    result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load,
+              "process_sets": bench_process_sets(devices, shapes, 3 if args.quick else args.repeats)}
+    print(format_table(f"1. ms per group, median of {3 if args.quick else args.repeats} repeats over 3 groups "
+                       f"(Python trie: median of 3 groups, on the CPU; load average {load} on {os.cpu_count()} "
+                       "cores)", result["process_sets"]))
+    with tempfile.TemporaryDirectory() as workdir:
+        step = result["train_step"] = bench_train_step(args, device, workdir)
+    ratio = step["lambda_over_grpo"]
+    print("\n" + format_table(f"2. Training step in s, {step['model']} random init, G={step['group_size']}, "
+                              f"{step['prompts']} prompts, {step['new_tokens']} new tokens, median of "
+                              f"{step['measured_steps']} steps ({step['device']})", step["rows"]))
+    print(f"λ-GRPO / GRPO step time: {ratio['median']:.3f} (per-step range {ratio['min']:.3f}–{ratio['max']:.3f}); "
+          f"lambda_weights alone: {step['lambda_weights_ms']:.3f} ms = "
+          f"{step['lambda_weights_share_of_step']:.4%} of a λ-GRPO step")
+    result["logprob_memory"] = bench_logprob_memory(args, device)
+    print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 logits, MB",
+                              result["logprob_memory"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 # 9. Command line
 # ─────────────────────────────────────────────────────────────────────────────────────────────
@@ -1214,6 +1471,17 @@ def build_parser():
     tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
     tr.add_argument("--eval-every", type=int, default=0, help="greedy eval accuracy every N steps (0: never)")
     tr.add_argument("--eval-size", type=int, default=100, help="held-out problems per eval")
+
+    bn = sub.add_parser("bench", help="time process sets, a training step and log-prob memory (README's benchmark)")
+    bn.add_argument("--quick", action="store_true",
+                    help="smallest configuration only (G=8, T=512; 2 steps, 16 new tokens; vocab 4096, T=128): "
+                         "the test suite's smoke test, under a minute on 2 CPU cores")
+    bn.add_argument("--steps", type=int, default=5,
+                    help="training steps per loss; the first is warm-up and is not reported (--quick: 2)")
+    bn.add_argument("--repeats", type=int, default=5,
+                    help="timed calls of process_set_sizes / lambda_weights per shape, median reported "
+                         "(the Python trie runs once per input, median of 3)")
+    bn.add_argument("--json", default=None, help="also write the three tables to this file")
     return p
 
 
@@ -1228,6 +1496,8 @@ def main(argv=None):
         toy_sweep(args)
     elif args.command == "train":
         train(args)
+    elif args.command == "bench":
+        bench(args)
 
 
 if __name__ == "__main__":

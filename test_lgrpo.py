@@ -1298,22 +1298,9 @@ def test_mean_ci95_uses_student_t():
 # =====================================================================================
 # --- training an LLM (issue 4): tiny models and data built here, no downloads ---
 # =====================================================================================
-CHARS = list("0123456789+-*/=?.,: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{}\\#$\n'")
 TIMING_KEYS = {"tokens_per_s", "time_gen", "time_score", "time_update", "peak_mem_mb"}
 METRIC_KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "completion_len", "truncated_frac",
                "zero_std_frac", "path_depth", "intermediate_prop", "flat_frac"} | TIMING_KEYS
-
-
-def char_tokenizer():
-    """A character-level fast tokenizer with bos/eos and NO pad token, built in code."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # any char, newlines too
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])  # BOS, as Llama's
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
 
 
 @pytest.fixture(scope="session")
@@ -1321,7 +1308,7 @@ def tiny_llama(tmp_path_factory):
     """A 2-layer Llama from a config plus the char tokenizer, saved like a hub checkpoint."""
     from transformers import LlamaConfig, LlamaForCausalLM
     path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = char_tokenizer()
+    tokenizer = lgrpo.char_tokenizer()
     config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
                          bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, attention_dropout=0.1)
@@ -1570,3 +1557,29 @@ def test_token_logprobs_chunking_changes_neither_values_nor_gradients(dtype):
     assert torch.equal(v1, v2)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-2)
+
+
+# =====================================================================================
+# --- bench (issue 6): the smallest configuration as a smoke test, timings never asserted ---
+# =====================================================================================
+def test_bench_quick_smoke(tmp_path):
+    """`bench --quick` runs end to end and writes the three tables; timings are never asserted."""
+    out = tmp_path / "out.json"
+    proc = run_cli("bench", "--quick", "--json", out)
+    result = json.loads(out.read_text())
+    assert result["quick"] is True
+    (row,) = result["process_sets"]  # --quick: G=8, T=512 on the CPU (and the GPU, when there is one)
+    assert {"device", "G", "T", "process_set_sizes_ms", "lambda_weights_ms", "python_trie_cpu_ms",
+            "trie_over_ours"} <= set(row) and (row["G"], row["T"]) == (8, 512)
+    step = result["train_step"]
+    assert [r["loss"] for r in step["rows"]] == ["grpo", "lambda"]
+    for r in step["rows"]:
+        assert {"time_gen", "time_score", "time_update", "step_s", "tokens_per_s", "peak_mem_mb"} <= set(r)
+        assert all(r[k] > 0 for k in ("time_gen", "time_update", "step_s", "tokens_per_s"))
+    assert step["measured_steps"] == 1 and step["new_tokens"] == 16
+    assert {"median", "min", "max"} <= set(step["lambda_over_grpo"]) and step["lambda_weights_ms"] > 0
+    (mem,) = result["logprob_memory"]
+    assert {"device", "vocab", "T", "batch", "token_logprobs_mb", "naive_mb", "ours_over_naive"} <= set(mem)
+    assert (mem["vocab"], mem["T"]) == (4096, 128)
+    for table in ("1. ms per group", "2. Training step", "3. Peak memory"):
+        assert table in proc.stdout
