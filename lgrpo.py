@@ -904,7 +904,7 @@ def train(args):
         reference = load_causal_lm(args.model, dtype, device, args.trust_remote_code).eval().requires_grad_(False)
     if args.gradient_checkpointing:
         model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, foreach=True,
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True,
                                   weight_decay=args.weight_decay)
     start = 0
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
@@ -1060,7 +1060,7 @@ def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=
         model, start, actions = toy_policy(toy_model, seed)
         # The target depends on the seed only: GRPO and λ-GRPO face the same tree.
         target = torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=torch.Generator().manual_seed(seed))]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, foreach=True)
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
         prompt = torch.tensor([[start]])
         frequency = []
         for _ in range(steps):
