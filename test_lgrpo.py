@@ -1348,10 +1348,11 @@ def read_metrics(out):
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
-@pytest.mark.parametrize("loss", ["lambda", "grpo"])
-def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp_path, loss):
+@pytest.mark.parametrize("loss, extra", [("lambda", []),
+                                         ("grpo", ["--gradient-checkpointing", "--aggregation", "sequence"])])
+def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp_path, loss, extra):
     out = tmp_path / "run"
-    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 3, "--loss", loss, "--beta", 0.04,
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *extra, "--steps", 3, "--loss", loss, "--beta", 0.04,
                         "--updates-per-batch", 2, "--lr", 1e-3, "--save-every", 2, "--eval-every", 3,
                         "--eval-fraction", 0.2, "--eval-size", 4))
     rows = read_metrics(out)
