@@ -1262,15 +1262,16 @@ def bench_train_step(args, device, workdir):
     with open(data, "w") as f:
         f.writelines(json.dumps({"question": f"What is {i}+{i + 1}?", "answer": "#### never"}) + "\n"
                      for i in range(prompts))
-    runs = {}
-    for loss in ("grpo", "lambda"):
-        out = os.path.join(workdir, loss)
+    runs = {"grpo": [], "lambda": []}
+    # ABBA order: a later run in the same process tends to be slower; this cancels a linear drift.
+    for i, loss in enumerate(("grpo", "lambda", "lambda", "grpo")):
+        out = os.path.join(workdir, f"{loss}-{i}")
         train(build_parser().parse_args([
             "train", "--model", path, "--dataset", data, "--output-dir", out, "--loss", loss, "--seed", "0",
             "--group-size", str(G), "--prompts-per-step", str(prompts), "--max-new-tokens", str(new_tokens),
             "--steps", str(steps), "--beta", "0.04", "--no-stop-at-boxed"]))
         with open(os.path.join(out, "metrics.jsonl")) as f:
-            runs[loss] = [json.loads(line) for line in f][1:]  # the first step warms up
+            runs[loss] += [json.loads(line) for line in f][1:]  # the first step warms up
     step_s = lambda r: r["time_gen"] + r["time_score"] + r["time_update"]
     rows = [{"loss": loss, **{k: _median([r[k] for r in rs]) for k in ("time_gen", "time_score", "time_update")},
              "step_s": _median([step_s(r) for r in rs]),
@@ -1476,7 +1477,7 @@ def build_parser():
     bn.add_argument("--quick", action="store_true",
                     help="smallest configuration only (G=8, T=512; 2 steps, 16 new tokens; vocab 4096, T=128): "
                          "the test suite's smoke test, under a minute on 2 CPU cores")
-    bn.add_argument("--steps", type=int, default=5,
+    bn.add_argument("--steps", type=int, default=20,
                     help="training steps per loss; the first is warm-up and is not reported (--quick: 2)")
     bn.add_argument("--repeats", type=int, default=5,
                     help="timed calls of process_set_sizes / lambda_weights per shape, median reported "

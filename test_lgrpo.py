@@ -1577,7 +1577,7 @@ def test_bench_quick_smoke(tmp_path):
     for r in step["rows"]:
         assert {"time_gen", "time_score", "time_update", "step_s", "tokens_per_s", "peak_mem_mb"} <= set(r)
         assert all(r[k] > 0 for k in ("time_gen", "time_update", "step_s", "tokens_per_s"))
-    assert step["measured_steps"] == 1 and step["new_tokens"] == 16
+    assert step["measured_steps"] == 2 and step["new_tokens"] == 16  # ABBA: 2 runs per loss, 1 step each after warm-up
     assert {"median", "min", "max"} <= set(step["lambda_over_grpo"]) and step["lambda_weights_ms"] > 0
     (mem,) = result["logprob_memory"]
     assert {"device", "vocab", "T", "batch", "token_logprobs_mb", "naive_mb", "ours_over_naive"} <= set(mem)
