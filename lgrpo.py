@@ -15,6 +15,11 @@ The file reads top to bottom in the paper's order:
   8. Benchmark                         `python lgrpo.py bench`
   9. Command line
 
+References like (§2) name the part of the paper a function implements: §1 GRPO and its loss
+(eq. 2), §2 process sets, the implicit PRM and Theorem 1, §3 λ-GRPO, §4 the worked example
+(Figure 1), §5 how often groups overlap, §6 the toy experiment (Table 1), §7 the LLM setup
+(Table 2); §8 marks pitfalls of published GRPO code that this file avoids.
+
 Shapes: B completions in groups of G consecutive rows (rows g·G … g·G+G−1 answer prompt g), T
 completion positions. Completions are right-padded; `completion_mask` is 1 on real tokens,
 including the terminating EOS, and is the only source of truth about padding.
@@ -38,7 +43,7 @@ import torch
 import torch.nn.functional as F
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
-# 1. Rollouts and the GRPO objective (PAPER §1)
+# 1. Rollouts and the GRPO objective (§1)
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -86,7 +91,7 @@ def _check_completions(completion_ids, completion_mask, group_size):
 
 
 def group_advantages(rewards, group_size, eps=1e-4):
-    """Outcome advantages a_i = (r_i − mean(r)) / (std(r) + ε) within each group (PAPER §1).
+    """Outcome advantages a_i = (r_i − mean(r)) / (std(r) + ε) within each group (§1).
 
     The std is the sample (n−1) one, as in the paper's worked example. A group whose rewards are
     all equal carries no signal: its advantages are exactly 0, never 0/0.
@@ -103,7 +108,7 @@ def completion_mask(completion_ids, eos_token_ids, stop_lengths=None):
     each row, or any value > T where it did not.
 
     Read from the first EOS, never from `!= pad_token_id`: with pad = eos that would drop the real
-    EOS from the loss and the model would never learn to stop (PAPER §8).
+    EOS from the loss and the model would never learn to stop (§8).
     """
     is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), dtype=torch.long,
                                                          device=completion_ids.device))
@@ -152,7 +157,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, temperatu
     would see other positions than sampling did. Only the completion's logits
     are computed (`logits_to_keep`), and they are turned into log-probs in chunks of about
     `chunk_tokens` logits; with bf16/fp16 logits each chunk is recomputed in the backward pass, so
-    that no float32 copy of the full [B, T, V] logits is ever kept (PAPER §8).
+    that no float32 copy of the full [B, T, V] logits is ever kept (§8).
     """
     B, T = input_ids.shape[0], input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -176,7 +181,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, temperatu
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_eps=0.2, beta=0.0,
                 aggregation="token"):
-    """Minus the GRPO objective (PAPER §1, eq. 2), with optional per-token weights (λ-GRPO, §3).
+    """Minus the GRPO objective (§1, eq. 2), with optional per-token weights (λ-GRPO, §3).
 
     Per token:  −min(P·A, clip(P, 1−ε, 1+ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1),
     P = exp(logp − old_logp), the whole term multiplied by `weights` when given.
@@ -212,7 +217,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_e
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
-# 2. Process sets: the prefix trie hidden in every group (PAPER §2)
+# 2. Process sets: the prefix trie hidden in every group (§2)
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -240,7 +245,7 @@ def _process_set_sums(lcp, values, T):
 
 
 def process_set_sizes(completion_ids, completion_mask, group_size):
-    """|λ^(i,t)|, the size of the process set whose step holds token t of completion i (PAPER §2).
+    """|λ^(i,t)|, the size of the process set whose step holds token t of completion i (§2).
 
     Identical completions are separate members; 0 on padding.
     """
@@ -251,7 +256,7 @@ def process_set_sizes(completion_ids, completion_mask, group_size):
 
 @dataclasses.dataclass
 class TrieNode:
-    """One process step: the tokens [start, end) on which exactly `members` agree (PAPER §2)."""
+    """One process step: the tokens [start, end) on which exactly `members` agree (§2)."""
     tokens: list
     start: int
     end: int
@@ -270,7 +275,7 @@ def build_trie(completions, rewards, eps=1e-4):
 
     `completions` is a list of token lists. The root is the shared prompt (no tokens, not a step);
     every other node is a maximal run of tokens shared by exactly the same completions. Each node
-    carries its Monte-Carlo step reward and step advantage (PAPER §2).
+    carries its Monte-Carlo step reward and step advantage (§2).
     """
     rewards = _check_rewards(rewards, len(completions)).double()
     advantages = group_advantages(rewards, len(completions), eps)
@@ -317,7 +322,7 @@ def format_trie(root, show=str, depth=0):
 
 
 def trie_stats(completion_ids, completion_mask, group_size):
-    """The paper's overlap statistics (PAPER §5), averaged over groups.
+    """The paper's overlap statistics (§5), averaged over groups.
 
     path_depth: number of process steps on a completion's path from the root, mean over the
         group's non-empty completions. Along a path the process sets only shrink, so a new step
@@ -340,7 +345,7 @@ def trie_stats(completion_ids, completion_mask, group_size):
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
-# 3. The implicit PRM: Monte-Carlo step rewards and step advantages (PAPER §2)
+# 3. The implicit PRM: Monte-Carlo step rewards and step advantages (§2)
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -362,12 +367,12 @@ def step_advantages(completion_ids, completion_mask, rewards, group_size, eps=1e
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
-# 4. λ-GRPO (PAPER §3)
+# 4. λ-GRPO (§3)
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
 def lambda_weights(completion_ids, completion_mask, group_size, dtype=torch.float32):
-    """1 / |λ^(i,t)| on real tokens, 0 on padding: the whole change from GRPO to λ-GRPO (PAPER §3).
+    """1 / |λ^(i,t)| on real tokens, 0 on padding: the whole change from GRPO to λ-GRPO (§3).
 
     In GRPO a step shared by |λ| completions is pushed |λ| times, once per member; with these
     weights in `policy_loss` every process step counts once, with its step advantage.
@@ -380,7 +385,7 @@ def lambda_weights(completion_ids, completion_mask, group_size, dtype=torch.floa
 # 5. Theorem 1 and the worked example, checked numerically (`python lgrpo.py verify`)
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
-# The paper's Figure 1 (PAPER §4): six completions, letters as tokens, with outcome rewards, and
+# The paper's Figure 1 (§4): six completions, letters as tokens, with outcome rewards, and
 # the step table as the paper prints it (members numbered from 1).
 FIGURE1_COMPLETIONS = ["A B C D", "A B E F H I", "J K L M", "J K L N Q S T", "J K L N Q U", "V W Y Z"]
 FIGURE1_REWARDS = [0.5, 0.5, 1.0, 0.0, 0.0, 0.5]
@@ -446,7 +451,7 @@ def _max_abs(xs, ys):
 
 
 def theorem1_checks(beta=0.04, tol=1e-10):
-    """Theorem 1 (PAPER §2) and λ-GRPO's "each step once" reading (§3), in value and gradient.
+    """Theorem 1 (§2) and λ-GRPO's "each step once" reading (§3), in value and gradient.
 
     A tiny float64 GPT-2 in eval mode (dropout would make two forward passes differ) scores
     THEOREM_GROUP; a second one is the KL reference.
@@ -521,7 +526,7 @@ def theorem1_checks(beta=0.04, tol=1e-10):
 
 
 def figure1_checks():
-    """The paper's worked example (PAPER §4): every number of both tables to 4 decimals.
+    """The paper's worked example (§4): every number of both tables to 4 decimals.
 
     The paper computes it with ε = 0 (with ε = 1e-4 the first advantage would read 0.2213).
     """
@@ -563,7 +568,7 @@ def figure1_checks():
 def verify():
     """Run every check, print a report, return the number of failures."""
     completions = [c.split() for c in FIGURE1_COMPLETIONS]
-    print("The worked example (PAPER §4, Figure 1) as a trie:\n")
+    print("The worked example (§4, Figure 1) as a trie:\n")
     print(format_trie(build_trie(completions, FIGURE1_REWARDS, eps=0)), "\n")
     checks = figure1_checks() + theorem1_checks()
     for c in checks:
@@ -576,7 +581,7 @@ def verify():
 
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
-# 6. Training an LLM: one GRPO / λ-GRPO step, the reward, data, checkpoints (PAPER §7)
+# 6. Training an LLM: one GRPO / λ-GRPO step, the reward, data, checkpoints (§7)
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -584,7 +589,7 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
                 advantages, weights=None, old_logp=None, ref_logp=None, updates_per_batch=1,
                 micro_batch_size=None, clip_eps=0.2, beta=0.0, aggregation="token", max_grad_norm=1.0,
                 temperature=1.0):
-    """μ = `updates_per_batch` optimizer steps on one batch of groups (PAPER §1).
+    """μ = `updates_per_batch` optimizer steps on one batch of groups (§1).
 
     λ-GRPO when `weights` are `lambda_weights`, GRPO when None. Each micro-batch's loss is scaled
     by its share of the batch's normalizer (tokens for "token", completions for "sequence"), so
@@ -657,7 +662,7 @@ def last_boxed(text):
 
 
 def boxed_closed(text):
-    """True once the first \\boxed{ has its closing brace (the authors' stopping rule, PAPER §7)."""
+    """True once the first \\boxed{ has its closing brace (the authors' stopping rule, §7)."""
     match = _BOX_OPEN.search(text)
     return match is not None and _closing_brace(text, match.end() - 1) is not None
 
@@ -767,7 +772,7 @@ def encode_prompts(tokenizer, questions, system_prompt, device):
 
 
 class StopWhenBoxed:
-    """Stopping criterion: a row is done once its first \\boxed{...} closes (PAPER §7)."""
+    """Stopping criterion: a row is done once its first \\boxed{...} closes (§7)."""
 
     def __init__(self, tokenizer, prompt_len):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
@@ -864,7 +869,7 @@ def step_problems(problems, step, k, seed):
 
 
 def train(args):
-    """GRPO / λ-GRPO on a causal LM and a math dataset (PAPER §7). Writes metrics.jsonl and checkpoints."""
+    """GRPO / λ-GRPO on a causal LM and a math dataset (§7). Writes metrics.jsonl and checkpoints."""
     from tqdm import tqdm
     from transformers import AutoTokenizer, StoppingCriteriaList
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -1002,7 +1007,7 @@ def peak_memory_mb(device):
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 # ─────────────────────────────────────────────────────────────────────────────────────────────
-# 7. The toy task: a depth-4 binary tree (PAPER §6, Table 1)
+# 7. The toy task: a depth-4 binary tree (§6, Table 1)
 # ─────────────────────────────────────────────────────────────────────────────────────────────
 
 TOY_DEPTH = 4

@@ -1,6 +1,6 @@
 """Tests for lgrpo.py (λ-GRPO, Sullivan & Koller, arXiv:2509.21154).
 
-The tests are written from the written spec and the paper's definitions (shared/PAPER.md),
+The tests are written from the spec and the paper's definitions and numbers,
 independently of the implementation.
 """
 
@@ -25,7 +25,7 @@ warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
 
 REPO_DIR = Path(__file__).resolve().parent
 
-# ---- the paper's worked example (PAPER.md §4) --------------------------------------
+# ---- the paper's worked example (§4, Figure 1) --------------------------------------
 WE_COMPLETIONS = ["ABCD", "ABEFHI", "JKLM", "JKLNQST", "JKLNQU", "VWYZ"]
 WE_REWARDS = [0.5, 0.5, 1.0, 0.0, 0.0, 0.5]
 WE_LETTERS = "ABCDEFHIJKLMNQSTUVWYZ"
@@ -334,7 +334,7 @@ def close(a, b, tol):
 
 
 # =====================================================================================
-# 1. The paper's worked example (Figure 1 / PAPER.md §4), exactly
+# 1. The paper's worked example (Figure 1, §4), exactly
 # =====================================================================================
 def test_worked_example_outcome_advantages():
     # a = [+0.2214, +0.2214, +1.5498, −1.1070, −1.1070, +0.2214] with the sample std (eps=0),
@@ -505,7 +505,7 @@ def test_process_set_sizes_weights_step_advantages_match_bruteforce_oracle():
 
 
 def test_step_advantages_equal_mean_of_outcome_advantages_over_members():
-    # Property (PAPER §2): A_{i,t} = mean of a_k over λ^(i,t), with a from group_advantages.
+    # Property (§2): A_{i,t} = mean of a_k over λ^(i,t), with a from group_advantages.
     rng = random.Random(99)
     for _ in range(100):
         comps, rewards, G, ids, mask = random_batch(rng)
@@ -1228,7 +1228,7 @@ def run_cli(*args, env=None, timeout=600):
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("r_neg", [-0.5, -1.5])
 def test_tree_rewards_on_all_16_paths(n, r_neg):
-    # The reward of every root-to-leaf path, by the rule of PAPER §6, against the vectorized form.
+    # The reward of every root-to-leaf path, by the rule of §6, against the vectorized form.
     target = [2, 1, 1, 2]
     paths = list(itertools.product([1, 2], repeat=4))
     expected = [1.0 if list(p) == target else r_neg if list(p[:n]) == target[:n] else 0.7 for p in paths]
