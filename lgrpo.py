@@ -35,6 +35,7 @@ import os
 import random
 import re
 import shutil
+import statistics
 import sys
 import time
 from fractions import Fraction
@@ -534,34 +535,30 @@ def figure1_checks():
     rewards = torch.tensor(FIGURE1_REWARDS, dtype=torch.float64)
     G = len(completions)
     a = group_advantages(rewards, G, eps=0)
-    checks = [Check("Figure 1: mean(r) = 0.416667, sample std = 0.376386",
-                    max(abs(rewards.mean().item() - 0.416667), abs(rewards.std().item() - 0.376386)),
-                    True, "≤ 5e-7"),
-              Check("Figure 1: outcome advantages a_i", _max_abs(a, torch.tensor(FIGURE1_ADVANTAGES)),
-                    True, "≤ 5e-5")]
+    within = lambda name, measured, tol, why="": Check(name, measured, measured <= tol, f"≤ {tol:g}", why)
+    checks = [within("Figure 1: mean(r) = 0.416667, sample std = 0.376386",
+                     max(abs(rewards.mean().item() - 0.416667), abs(rewards.std().item() - 0.376386)), 5e-7),
+              within("Figure 1: outcome advantages a_i", _max_abs(a, torch.tensor(FIGURE1_ADVANTAGES)), 5e-5)]
     steps = list(trie_steps(build_trie(completions, rewards, eps=0)))
     got = [(" ".join(n.tokens), [k + 1 for k in n.members], n.size) for n in steps]
     same_steps = got == [row[:3] for row in FIGURE1_STEPS]
     diff = max(max(abs(n.reward - row[3]), abs(n.advantage - row[4])) for n, row in zip(steps, FIGURE1_STEPS))
-    checks.append(Check("Figure 1: the 9 process steps, members, |λ|, R̂ and A", diff if same_steps else math.inf,
-                        True, "≤ 5e-5"))
+    checks.append(within("Figure 1: the 9 process steps, members, |λ|, R̂ and A",
+                         diff if same_steps else math.inf, 5e-5))
     # The vectorized functions must agree with the trie on every token.
     vocab = {t: i for i, t in enumerate(sorted({t for c in completions for t in c}))}
     ids, mask = pad_completions([[vocab[t] for t in c] for c in completions])
     sizes, A = process_set_sizes(ids, mask, G), step_advantages(ids, mask, rewards, G, eps=0)
     disagree = max(max(abs(sizes[k, t].item() - n.size), abs(A[k, t].item() - n.advantage))
                    for n in steps for k in n.members for t in range(n.start, n.end))
-    checks.append(Check("Figure 1: process_set_sizes and step_advantages agree with the trie", disagree,
-                        True, "≤ 1e-12"))
+    checks.append(within("Figure 1: process_set_sizes and step_advantages agree with the trie", disagree, 1e-12))
     # GRPO's summed push on each token of J K L is Σ_members a_k; λ-GRPO's is that divided by |λ|.
     jkl = next(n for n in steps if n.tokens == ["J", "K", "L"])
     grpo_push, lambda_push = a[jkl.members].sum().item(), (a[jkl.members].sum() / jkl.size).item()
-    checks.append(Check(f"Figure 1: push on J K L, GRPO {grpo_push:+.4f} (paper −0.6642), "
-                        f"λ-GRPO {lambda_push:+.4f} (paper −0.2214)",
-                        max(abs(grpo_push + 0.6642), abs(lambda_push + 0.2214)), True, "≤ 5e-5",
-                        "J K L M is the best completion, yet GRPO pushes its prefix down 3×"))
-    for c in checks:
-        c.passed = c.measured <= float(c.bound.split("≤ ")[1])
+    checks.append(within(f"Figure 1: push on J K L, GRPO {grpo_push:+.4f} (paper −0.6642), "
+                         f"λ-GRPO {lambda_push:+.4f} (paper −0.2214)",
+                         max(abs(grpo_push + 0.6642), abs(lambda_push + 0.2214)), 5e-5,
+                         "J K L M is the best completion, yet GRPO pushes its prefix down 3×"))
     return checks
 
 
@@ -803,20 +800,16 @@ def boxed_lengths(tokenizer, completion_ids):
 def load_causal_lm(name_or_path, dtype, device, trust_remote_code=False):
     """AutoModelForCausalLM with every dropout rate set to 0: with dropout, two forward passes of
     the same weights differ and the ratio P would not be exactly 1 at μ = 1."""
+    import transformers
     from transformers import AutoConfig, AutoModelForCausalLM
     config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     for key, value in config.to_dict().items():
         if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
             setattr(config, key, 0.0)
-    dtype_key = "dtype" if int(transformers_version().split(".")[0]) >= 5 else "torch_dtype"
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
     model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code,
                                                  **{dtype_key: dtype})
     return model.to(device)
-
-
-def transformers_version():
-    import transformers
-    return transformers.__version__
 
 
 def checkpoint_dirs(output_dir):
@@ -1196,11 +1189,6 @@ def _sync(device):
         torch.cuda.synchronize(device)
 
 
-def _median(xs):
-    xs = sorted(xs)
-    return (xs[(len(xs) - 1) // 2] + xs[len(xs) // 2]) / 2
-
-
 def timed_ms(fn, device, repeats):
     """Median wall time of fn() over `repeats` calls, in milliseconds."""
     times = []
@@ -1210,7 +1198,7 @@ def timed_ms(fn, device, repeats):
         fn()
         _sync(device)
         times.append((time.perf_counter() - t0) * 1e3)
-    return _median(times)
+    return statistics.median(times)
 
 
 def device_name(device):
@@ -1236,8 +1224,8 @@ def bench_process_sets(devices, shapes, repeats):
             per_group = lambda f: timed_ms(lambda: [f(ids, mask, G) for ids, mask in on], device, repeats) / len(on)
             ours = per_group(process_set_sizes)
             rows.append({"device": device_name(device), "G": G, "T": T, "process_set_sizes_ms": ours,
-                         "lambda_weights_ms": per_group(lambda_weights), "python_trie_cpu_ms": _median(trie_ms),
-                         "trie_over_ours": _median(trie_ms) / ours})
+                         "lambda_weights_ms": per_group(lambda_weights), "python_trie_cpu_ms": statistics.median(trie_ms),
+                         "trie_over_ours": statistics.median(trie_ms) / ours})
     return rows
 
 
@@ -1278,9 +1266,9 @@ def bench_train_step(args, device, workdir):
         with open(os.path.join(out, "metrics.jsonl")) as f:
             runs[loss] += [json.loads(line) for line in f][1:]  # the first step warms up
     step_s = lambda r: r["time_gen"] + r["time_score"] + r["time_update"]
-    rows = [{"loss": loss, **{k: _median([r[k] for r in rs]) for k in ("time_gen", "time_score", "time_update")},
-             "step_s": _median([step_s(r) for r in rs]),
-             **{k: _median([r[k] for r in rs]) for k in ("tokens_per_s", "peak_mem_mb")}} for loss, rs in runs.items()]
+    rows = [{"loss": loss, **{k: statistics.median([r[k] for r in rs]) for k in ("time_gen", "time_score", "time_update")},
+             "step_s": statistics.median([step_s(r) for r in rs]),
+             **{k: statistics.median([r[k] for r in rs]) for k in ("tokens_per_s", "peak_mem_mb")}} for loss, rs in runs.items()]
     ratios = [step_s(l) / step_s(g) for g, l in zip(runs["grpo"], runs["lambda"])]  # paired: the same batch
     # λ-GRPO's own work, timed alone: the weights of one step's [P·G, T] completions.
     generator = torch.Generator().manual_seed(1)
@@ -1289,7 +1277,7 @@ def bench_train_step(args, device, workdir):
     weights_ms = timed_ms(lambda: lambda_weights(ids, mask, G), device, 20)
     result = {"device": device_name(device), "model": config.model_type, "group_size": G, "prompts": prompts,
               "new_tokens": new_tokens, "measured_steps": len(ratios), "rows": rows,
-              "lambda_over_grpo": {"median": _median(ratios), "min": min(ratios), "max": max(ratios)},
+              "lambda_over_grpo": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
               "lambda_weights_ms": weights_ms, "lambda_weights_share_of_step": weights_ms / 1e3 / rows[-1]["step_s"]}
     return result
 
