@@ -879,6 +879,8 @@ def train(args):
         resume_from = found[-1]
     reward_fn = load_reward(args.reward)
     train_rows, eval_rows = load_problems(args)
+    if args.eval_every and not eval_rows:
+        raise ValueError("--eval-every needs held-out problems: pass --eval-split or --eval-fraction.")
 
     tokenizer = AutoTokenizer.from_pretrained(resume_from or args.model, trust_remote_code=args.trust_remote_code)
     tokenizer.padding_side = "left"
@@ -918,8 +920,9 @@ def train(args):
             rows = [line for line in f if json.loads(line)["step"] <= start]
         with open(metrics_path, "w") as f:
             f.writelines(rows)
-    elif os.path.exists(metrics_path):
-        os.remove(metrics_path)
+    elif os.path.exists(metrics_path) or checkpoint_dirs(args.output_dir):
+        raise ValueError(f"{args.output_dir} holds an earlier run: pass --resume to continue it, or choose "
+                         "another --output-dir (nothing was overwritten).")
 
     eos_ids = {tokenizer.eos_token_id} | set(torch.tensor(model.generation_config.eos_token_id or []).view(-1).tolist())
     G = args.group_size

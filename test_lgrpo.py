@@ -1585,3 +1585,16 @@ def test_bench_quick_smoke(tmp_path):
     assert (mem["vocab"], mem["T"]) == (4096, 128)
     for table in ("1. ms per group", "2. Training step", "3. Peak memory"):
         assert table in proc.stdout
+
+
+def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_llama, arithmetic_jsonl, tmp_path):
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1))
+    before = (out / "metrics.jsonl").read_text()
+    for extra, message in ((["--steps", 2], "--resume"), (["--steps", 1, "--eval-every", 1], "--eval-fraction")):
+        where = out if extra[-1] == 2 else tmp_path / "other"
+        proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(tiny_llama, arithmetic_jsonl, where,
+                                                                                *extra))],
+                              cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing was overwritten
