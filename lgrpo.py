@@ -5,20 +5,17 @@ M. Sullivan and A. Koller, "GRPO is Secretly a Process Reward Model", arXiv:2509
 
 The file reads top to bottom in the paper's order:
 
-  1. Rollouts and the GRPO objective   groups, outcome advantages, token log-probs, the loss
-  2. Process sets                      the prefix trie hidden in every group
-  3. The implicit PRM                  Monte-Carlo step rewards and step advantages
-  4. λ-GRPO                            divide each token's term by the size of its process set
-  5. Theorem 1, checked numerically    `python lgrpo.py verify`
-  6. Training an LLM                   `python lgrpo.py train --model ... --dataset ...`
-  7. The toy task (Table 1)            `python lgrpo.py` (the default job: CPU, about 2 minutes)
-  8. Benchmark                         `python lgrpo.py bench`
-  9. Command line
+  1. GRPO                   outcome advantages, rollouts, token log-probs, the loss of eq. (2)
+  2. Process sets           the prefix trie hidden in every group
+  3. Step rewards           the implicit process reward model, Theorem 1
+  4. λ-GRPO                 divide each token's term by the size of its process set
+  5. The numerical checks   Figure 1 and Theorem 1 to machine precision (`python lgrpo.py verify`)
+  6. The toy                the binary tree of Table 1, the simplest full loop (`python lgrpo.py`)
+  7. Training an LLM        Table 2's setup on one GPU (`python lgrpo.py train`)
+  8. Scaling out with TRL   the same loss inside TRL's GRPOTrainer (`LambdaGRPOTrainer`)
 
-References like (§2) name the part of the paper a function implements: §1 GRPO and its loss
-(eq. 2), §2 process sets, the implicit PRM and Theorem 1, §3 λ-GRPO, §4 the worked example
-(Figure 1), §5 how often groups overlap, §6 the toy experiment (Table 1), §7 the LLM setup
-(Table 2); §8 marks pitfalls of published GRPO code that this file avoids.
+  Appendix, not needed to understand λ-GRPO: A. answer checking, B. data, C. runs (checkpoints,
+  resume), D. plots, E. tiny models built in code, F. the command line.
 
 Shapes: B completions in groups of G consecutive rows (rows g·G … g·G+G−1 answer prompt g), T
 completion positions. Completions are right-padded; `completion_mask` is 1 on real tokens,
@@ -28,14 +25,13 @@ including the terminating EOS, and is the only source of truth about padding.
 import argparse
 import copy
 import dataclasses
-import json
 import importlib
+import json
 import math
 import os
 import random
 import re
 import shutil
-import statistics
 import sys
 import time
 from fractions import Fraction
@@ -43,93 +39,24 @@ from fractions import Fraction
 import torch
 import torch.nn.functional as F
 
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 1. Rollouts and the GRPO objective (§1)
-# ─────────────────────────────────────────────────────────────────────────────────────────────
+
+class InputError(ValueError):
+    """A mistake in what the user passed (flags, data, reward, paths). The command line prints it
+    as one line, `lgrpo: error: ...`, without a traceback; anything else keeps its traceback."""
 
 
-def seed_everything(seed):
-    """Seed Python and torch (CPU and CUDA) so that a run is a function of its seed."""
-    random.seed(seed)
-    torch.manual_seed(seed)
-
-
-def _check_group_size(batch_size, group_size):
-    if group_size < 2:
-        raise ValueError(f"group_size must be at least 2 (got {group_size}): GRPO compares the "
-                         "completions of a group, and one completion has nothing to compare with.")
-    if batch_size % group_size:
-        raise ValueError(f"batch of {batch_size} completions does not split into groups of "
-                         f"{group_size}: pass B = prompts × group_size rows, group by group.")
-
-
-def _check_rewards(rewards, group_size):
-    if not torch.is_tensor(rewards):  # Python floats are doubles: keep them so
-        rewards = torch.tensor(rewards, dtype=torch.float64)
-    rewards = rewards if rewards.is_floating_point() else rewards.to(torch.get_default_dtype())
-    if rewards.dim() != 1:
-        raise ValueError(f"rewards must be 1-D, one number per completion (got shape "
-                         f"{tuple(rewards.shape)}).")
-    _check_group_size(rewards.numel(), group_size)
-    if not torch.isfinite(rewards).all():
-        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
-        raise ValueError(f"rewards must be finite; rows {bad} are NaN or infinite: fix the reward "
-                         "function so that it returns a real number for every completion.")
-    return rewards
-
-
-def _check_completions(completion_ids, completion_mask, group_size):
-    if completion_ids.dim() != 2 or completion_ids.shape != completion_mask.shape:
-        raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and completion_mask "
-                         f"{tuple(completion_mask.shape)} must both be [B, T].")
-    _check_group_size(completion_ids.shape[0], group_size)
-    mask = completion_mask.bool()
-    if (mask[:, 1:] & ~mask[:, :-1]).any():
-        rows = (mask[:, 1:] & ~mask[:, :-1]).any(1).nonzero().flatten().tolist()
-        raise ValueError(f"completion_mask rows {rows} have a 1 after a 0: a completion must be "
-                         "right-padded, its mask 1…1 0…0 (left-pad the prompt, not the completion).")
-    return mask
-
-
-def group_advantages(rewards, group_size, eps=1e-4):
-    """Outcome advantages a_i = (r_i − mean(r)) / (std(r) + ε) within each group (§1).
-
-    The std is the sample (n−1) one, as in the paper's worked example. A group whose rewards are
-    all equal carries no signal: its advantages are exactly 0, never 0/0.
-    """
-    r = _check_rewards(rewards, group_size).view(-1, group_size)
-    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
-    flat = (r == r[:, :1]).all(1, keepdim=True)
-    return torch.where(flat, torch.zeros_like(a), a).view(-1)
-
-
-def completion_mask(completion_ids, eos_token_ids, stop_lengths=None):
-    """1 on the tokens of each completion up to and including its first EOS, 0 after; also which
-    rows were truncated (neither an EOS nor a stop). `stop_lengths`: where a stopping rule ended
-    each row, or any value > T where it did not.
-
-    Read from the first EOS, never from `!= pad_token_id`: with pad = eos that would drop the real
-    EOS from the loss and the model would never learn to stop (§8).
-    """
-    is_eos = torch.isin(completion_ids, torch.as_tensor(list(eos_token_ids), dtype=torch.long,
-                                                         device=completion_ids.device))
-    before_eos = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
-    mask = before_eos
-    finished = is_eos.any(1)
-    if stop_lengths is not None:
-        positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
-        mask = mask & (positions < stop_lengths[:, None])
-        finished = finished | (stop_lengths <= completion_ids.shape[1])
-    return mask.long(), ~finished
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 1. GRPO: a group of completions, outcome advantages, token log-probs and the loss of eq. (2)
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 
 @torch.no_grad()
-def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=None, pad_token_id=0,
-                       **generate_kwargs):
-    """Sample a group of `group_size` completions for every (left-padded) prompt with HF generate.
+def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=None,
+                       pad_token_id=0, **generate_kwargs):
+    """A group of `group_size` completions from π_old for every (left-padded) prompt.
 
     Returns completion tokens [P·G, T], right-padded with `pad_token_id`; rows g·G … g·G+G−1 are
-    prompt g's group. `batch_size` bounds how many rows one generate call decodes at once.
+    prompt g's group. `batch_size` bounds how many rows one HF `generate` call decodes at once.
     """
     ids = prompt_ids.repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
@@ -143,22 +70,56 @@ def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=No
     return torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
 
 
-def _logprobs_of(logits, targets, temperature):
-    # log π(y_t) = logit[y_t] − logsumexp(logits): no [.., V] log_softmax tensor is kept.
+def completion_mask(completion_ids, eos_token_ids, stop_lengths=None):
+    """1 on each completion's tokens up to and including its first EOS, 0 after; and which rows
+    were truncated (neither an EOS nor a stop). `stop_lengths`: where a stopping rule ended each
+    row, or any value > T where it did not.
+
+    Read from the first EOS, never from `!= pad_token_id`: with pad = eos that would drop the real
+    EOS from the loss, and the model would never learn to stop.
+    """
+    eos = torch.as_tensor(list(eos_token_ids), dtype=torch.long, device=completion_ids.device)
+    is_eos = torch.isin(completion_ids, eos)
+    mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
+    finished = is_eos.any(1)
+    if stop_lengths is not None:
+        positions = torch.arange(completion_ids.shape[1], device=completion_ids.device)
+        mask = mask & (positions < stop_lengths[:, None])
+        finished = finished | (stop_lengths <= completion_ids.shape[1])
+    return mask.long(), ~finished
+
+
+def group_advantages(rewards, group_size, eps=1e-4):
+    """Outcome advantages a_i = (r_i − mean(r)) / (std(r) + ε) within each group.
+
+    The std is the sample (n−1) one, as in the paper's worked example. A group whose rewards are
+    all equal carries no signal: its advantages are exactly 0, never 0/0.
+    """
+    r = check_rewards(rewards, group_size).view(-1, group_size)
+    a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
+    flat = (r == r[:, :1]).all(1, keepdim=True)
+    return torch.where(flat, torch.zeros_like(a), a).view(-1)
+
+
+def logprobs_of(logits, targets, temperature):
+    """log softmax(logits / temperature)[target], as logit[target] − logsumexp(logits): no
+    [..., V] log_softmax tensor is kept."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
-def token_logprobs(model, input_ids, attention_mask, completion_start, temperature=1.0, chunk_tokens=1 << 24):
-    """log π(y_t | q, y_<t) for the completion positions `completion_start:` of [prompt | completion].
+def token_logprobs(model, input_ids, attention_mask, completion_start, temperature=1.0,
+                   chunk_tokens=1 << 24):
+    """log π(y_t | q, y_<t) for the completion positions `completion_start:` of
+    [prompt | completion], the log-probabilities in the ratio P and the KL term of eq. (2).
 
     π is the distribution the tokens were sampled from, softmax(logits / temperature), so that
-    the ratio P and the gradient belong to the sampling policy (as in TRL). The prompt is
+    the ratio and the gradient belong to the sampling policy (as in TRL). The prompt is
     left-padded, so positions come from the attention mask, as in generate(); otherwise scoring
-    would see other positions than sampling did. Only the completion's logits
-    are computed (`logits_to_keep`), and they are turned into log-probs in chunks of about
-    `chunk_tokens` logits; with bf16/fp16 logits each chunk is recomputed in the backward pass, so
-    that no float32 copy of the full [B, T, V] logits is ever kept (§8).
+    would see other positions than sampling did. Only the completion's logits are computed
+    (`logits_to_keep`), and they become log-probs in chunks of about `chunk_tokens` logits; with
+    bf16/fp16 logits each chunk is recomputed in the backward pass, so that no float32 copy of
+    the full [B, T, V] logits is ever kept.
     """
     B, T = input_ids.shape[0], input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -166,23 +127,24 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, temperatu
                    logits_to_keep=T + 1, use_cache=False).logits  # predictions for y_0 … y_T
     targets = input_ids[:, completion_start:]
     step = max(1, chunk_tokens // (B * logits.shape[-1]))
-    # One split into chunks (the last position predicts past the end and is dropped): its backward
-    # assembles a single gradient, where slicing would allocate a full-size gradient per chunk.
-    chunks = logits.split([min(step, T - s) for s in range(0, T, step)] + [1], dim=1)[:-1]
+    # One split into chunks (the last position predicts past the end and is dropped): its
+    # backward assembles a single gradient, where slicing would allocate one per chunk.
+    sizes = [min(step, T - s) for s in range(0, T, step)] + [1]
+    chunks = logits.split(sizes, dim=1)[:-1]
     out = []
     for chunk, target in zip(chunks, targets.split(step, dim=1)):
         # Recomputing pays only when the float32 copy is new memory (bf16/fp16 logits).
         if chunk.requires_grad and chunk.dtype not in (torch.float32, torch.float64):
-            out.append(torch.utils.checkpoint.checkpoint(_logprobs_of, chunk, target, temperature,
+            out.append(torch.utils.checkpoint.checkpoint(logprobs_of, chunk, target, temperature,
                                                          use_reentrant=False))
         else:
-            out.append(_logprobs_of(chunk, target, temperature))
+            out.append(logprobs_of(chunk, target, temperature))
     return torch.cat(out, 1) if out else logits.new_zeros(B, 0, dtype=torch.float32)
 
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_eps=0.2, beta=0.0,
                 aggregation="token"):
-    """Minus the GRPO objective (§1, eq. 2), with optional per-token weights (λ-GRPO, §3).
+    """Minus the GRPO objective of eq. (2), with optional per-token weights (λ-GRPO).
 
     Per token:  −min(P·A, clip(P, 1−ε, 1+ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1),
     P = exp(logp − old_logp), the whole term multiplied by `weights` when given.
@@ -191,16 +153,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_e
     tokens divided by their number. "sequence": mean over each completion, then over completions.
     With old_logp = logp.detach(), P is 1 in value and clipping never acts (μ = 1).
     """
-    if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
-        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
-                         f"{tuple(mask.shape)} must all be the same [B, T] shape.")
-    if advantages.shape not in (logp.shape[:1], logp.shape):
-        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got "
-                         f"{tuple(advantages.shape)}.")
-    if weights is not None and weights.shape != logp.shape:
-        raise ValueError(f"weights must be [B, T] = {tuple(logp.shape)}, got {tuple(weights.shape)}.")
-    if aggregation not in ("token", "sequence"):
-        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}.")
+    check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation)
     A = advantages[:, None] if advantages.dim() == 1 else advantages
     ratio = torch.exp(logp - old_logp)
     loss = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
@@ -217,19 +170,25 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_e
     return ((loss * m).sum(1) / m.sum(1).clamp(min=1)).mean()
 
 
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 2. Process sets: the prefix trie hidden in every group (§2)
-# ─────────────────────────────────────────────────────────────────────────────────────────────
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 2. Process sets: the prefix trie hidden in every group
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+#
+# A process set λ is a set of completions that share a prefix. In the group's prefix trie every
+# node is one process step: a maximal run of tokens on which exactly the members of λ agree.
+# λ^(i,t) is the set whose step holds token t of completion i: {k : y^(k)[:t+1] = y^(i)[:t+1]}.
+# Identical completions are separate members. The vectorized functions below never build the
+# trie; `build_trie` builds it the slow obvious way, for reading, printing and checking.
 
 
-def _shared_prefix_lengths(completion_ids, completion_mask, group_size):
+def shared_prefix_lengths(completion_ids, completion_mask, group_size):
     """lcp[g, i, k]: how many leading tokens completions i and k of group g share.
 
     Two completions agree at t when both have a real token there and it is the same token; their
     shared prefix ends at the first t where they do not. So k ∈ λ^(i,t) exactly when lcp > t.
     Pairwise within each group: one [B/G, G, G, T] boolean tensor, no Python loop over tokens.
     """
-    mask = _check_completions(completion_ids, completion_mask, group_size)
+    mask = check_completions(completion_ids, completion_mask, group_size)
     shape = (completion_ids.shape[0] // group_size, group_size, completion_ids.shape[1])
     ids, mask = completion_ids.view(shape), mask.view(shape)
     differ = (ids[:, :, None] != ids[:, None]) | ~mask[:, :, None] | ~mask[:, None]
@@ -237,27 +196,30 @@ def _shared_prefix_lengths(completion_ids, completion_mask, group_size):
     return differ.view(torch.uint8).argmax(-1)  # argmax returns the first maximum
 
 
-def _process_set_sums(lcp, values, T):
-    """Σ_{k ∈ λ^(i,t)} values_k for every (g, i, t): the members are the k with lcp[g, i, k] > t,
-    so the sum is the total minus a running sum over a histogram of the lcp values."""
+def process_set_sums(lcp, values, T):
+    """Σ_{k ∈ λ^(i,t)} values_k for every (g, i, t), from `shared_prefix_lengths`.
+
+    The members are the k with lcp[g, i, k] > t, so the sum is the total minus a running sum over
+    a histogram of the lcp values: O(G²) scatters and one cumsum, never a [G, G, T] float tensor.
+    """
     by_lcp = torch.zeros(*lcp.shape[:2], T + 1, dtype=values.dtype, device=lcp.device)
     by_lcp.scatter_add_(2, lcp, values[:, None, :].expand_as(lcp))
     return values.sum(1)[:, None, None] - by_lcp.cumsum(2)[..., :T]
 
 
 def process_set_sizes(completion_ids, completion_mask, group_size):
-    """|λ^(i,t)|, the size of the process set whose step holds token t of completion i (§2).
+    """|λ^(i,t)|, the size of the process set whose step holds token t of completion i.
 
     Identical completions are separate members; 0 on padding.
     """
-    lcp = _shared_prefix_lengths(completion_ids, completion_mask, group_size)
+    lcp = shared_prefix_lengths(completion_ids, completion_mask, group_size)
     ones = torch.ones(lcp.shape[:2], dtype=torch.long, device=lcp.device)
-    return _process_set_sums(lcp, ones, completion_ids.shape[1]).view(completion_ids.shape)
+    return process_set_sums(lcp, ones, completion_ids.shape[1]).view(completion_ids.shape)
 
 
 @dataclasses.dataclass
 class TrieNode:
-    """One process step: the tokens [start, end) on which exactly `members` agree (§2)."""
+    """One process step: the tokens [start, end) on which exactly `members` agree."""
     tokens: list
     start: int
     end: int
@@ -272,13 +234,13 @@ class TrieNode:
 
 
 def build_trie(completions, rewards, eps=1e-4):
-    """The explicit prefix trie of one group, built the slow obvious way (for reading and printing).
+    """The explicit prefix trie of one group, built the slow obvious way.
 
-    `completions` is a list of token lists. The root is the shared prompt (no tokens, not a step);
-    every other node is a maximal run of tokens shared by exactly the same completions. Each node
-    carries its Monte-Carlo step reward and step advantage (§2).
+    `completions` is a list of token lists. The root is the shared prompt (no tokens, not a
+    step); every other node is a maximal run of tokens shared by exactly the same completions.
+    Each node carries its Monte-Carlo step reward R̂(λ) and step advantage.
     """
-    rewards = _check_rewards(rewards, len(completions)).double()
+    rewards = check_rewards(rewards, len(completions)).double()
     advantages = group_advantages(rewards, len(completions), eps)
 
     def grow(node):
@@ -323,7 +285,7 @@ def format_trie(root, show=str, depth=0):
 
 
 def trie_stats(completion_ids, completion_mask, group_size):
-    """The paper's overlap statistics (§5), averaged over groups.
+    """The paper's overlap statistics ("does overlap happen?"), averaged over groups.
 
     path_depth: number of process steps on a completion's path from the root, mean over the
         group's non-empty completions. Along a path the process sets only shrink, so a new step
@@ -335,71 +297,149 @@ def trie_stats(completion_ids, completion_mask, group_size):
     valid = sizes > 0
     lengths = valid.sum(1)
     starts = valid & (sizes != F.pad(sizes, (1, 0))[:, :-1])
-    depth = starts.sum(1).double()
-    inter = ((sizes > 1).sum(1) / lengths.clamp(min=1)).double()
     nonempty = (lengths > 0).view(-1, group_size).double()
-    n = nonempty.sum(1).clamp(min=1)
-    per_group = lambda x: ((x.view(-1, group_size) * nonempty).sum(1) / n).mean().item()
-    flat = (sizes <= 1).view(sizes.shape[0] // group_size, group_size * sizes.shape[1]).all(1)
-    return {"path_depth": per_group(depth), "intermediate_prop": per_group(inter),
+    members = nonempty.sum(1).clamp(min=1)
+
+    def group_mean(per_completion):  # over each group's non-empty completions, then over groups
+        per_group = (per_completion.double().view(-1, group_size) * nonempty).sum(1) / members
+        return per_group.mean().item()
+
+    flat = (sizes <= 1).view(-1, group_size * sizes.shape[1]).all(1)
+    return {"path_depth": group_mean(starts.sum(1)),
+            "intermediate_prop": group_mean((sizes > 1).sum(1) / lengths.clamp(min=1)),
             "flat_frac": flat.double().mean().item()}
 
 
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 3. The implicit PRM: Monte-Carlo step rewards and step advantages (§2)
-# ─────────────────────────────────────────────────────────────────────────────────────────────
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 3. Step rewards and Theorem 1: the process reward model hidden in GRPO
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+#
+# The Monte-Carlo step reward of a process set is the mean outcome reward of its members,
+# R̂(λ), and the step advantage is A_{i,t} = (R̂(λ^(i,t)) − mean r) / std r. Put A_{i,t} in place of
+# a_i in eq. (2) and you get a PRM objective, L_PRM. Theorem 1: with token-level aggregation and
+# μ = 1, L_GRPO = L_PRM in value and in gradient, because a token's ratio and KL terms depend
+# only on its prefix, so they are the same for every member of its process set, and the members'
+# a_k add up to |λ| times their mean. Section 5 checks it numerically.
 
 
 def step_advantages(completion_ids, completion_mask, rewards, group_size, eps=1e-4):
     """A_{i,t} = (R̂(λ^(i,t)) − mean(r)) / (std(r) + ε), R̂(λ) the mean reward of λ's members.
 
-    This is the process reward GRPO secretly uses: since the normalization is affine, A_{i,t} is
-    also the mean of the members' outcome advantages a_k, which is how it is computed. 0 on padding.
+    This is the process reward GRPO secretly uses: the normalization is affine, so A_{i,t} is
+    also the mean of the members' outcome advantages a_k, which is how it is computed. 0 on
+    padding.
     """
     if len(rewards) != completion_ids.shape[0]:
-        raise ValueError(f"{len(rewards)} rewards for {completion_ids.shape[0]} completions: give one "
-                         "reward per row of completion_ids.")
+        raise ValueError(f"{len(rewards)} rewards for {completion_ids.shape[0]} completions: "
+                         "give one reward per row of completion_ids.")
     a = group_advantages(rewards, group_size, eps).view(-1, group_size)
     a = a.to(torch.promote_types(a.dtype, torch.float32))
-    summed = _process_set_sums(_shared_prefix_lengths(completion_ids, completion_mask, group_size), a,
-                               completion_ids.shape[1]).view(completion_ids.shape)
+    lcp = shared_prefix_lengths(completion_ids, completion_mask, group_size)
+    summed = process_set_sums(lcp, a, completion_ids.shape[1]).view(completion_ids.shape)
     sizes = process_set_sizes(completion_ids, completion_mask, group_size)
     return torch.where(sizes > 0, summed / sizes.clamp(min=1), 0)  # exactly 0 on padding
 
 
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 4. λ-GRPO (§3)
-# ─────────────────────────────────────────────────────────────────────────────────────────────
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 4. λ-GRPO: each process step counted once
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+#
+# In eq. (2) a step shared by |λ| completions is pushed |λ| times, once per member: a shared
+# prefix that averages below the group mean is pushed down once per member, even when it leads
+# to the best completion, and a frequent good step is over-reinforced. λ-GRPO divides each
+# token's whole loss term (KL included) by |λ^(i,t)| and keeps the normalizer 1 / Σ len.
 
 
 def lambda_weights(completion_ids, completion_mask, group_size, dtype=torch.float32):
-    """1 / |λ^(i,t)| on real tokens, 0 on padding: the whole change from GRPO to λ-GRPO (§3).
+    """1 / |λ^(i,t)| on real tokens, 0 on padding: the whole change from GRPO to λ-GRPO.
 
-    In GRPO a step shared by |λ| completions is pushed |λ| times, once per member; with these
-    weights in `policy_loss` every process step counts once, with its step advantage.
+    With these weights in `policy_loss` every process step counts once, with its step advantage:
+    L_λ-GRPO = 1/Σ len · Σ_i Σ_t (P_{i,t}·a_i − D_{i,t}) / |λ^(i,t)|.
     """
     sizes = process_set_sizes(completion_ids, completion_mask, group_size)
     return torch.where(sizes > 0, 1 / sizes.clamp(min=1).to(dtype), 0)
 
 
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 5. Theorem 1 and the worked example, checked numerically (`python lgrpo.py verify`)
-# ─────────────────────────────────────────────────────────────────────────────────────────────
+# The input checks of sections 1–4: a wrong shape, a NaN reward or a badly padded mask raises
+# here, with the fix, instead of becoming a silently wrong loss.
 
-# The paper's Figure 1 (§4): six completions, letters as tokens, with outcome rewards, and
-# the step table as the paper prints it (members numbered from 1).
-FIGURE1_COMPLETIONS = ["A B C D", "A B E F H I", "J K L M", "J K L N Q S T", "J K L N Q U", "V W Y Z"]
+
+def check_group_size(batch_size, group_size):
+    if group_size < 2:
+        raise ValueError(f"group_size must be at least 2 (got {group_size}): GRPO compares the "
+                         "completions of a group, and one completion has nothing to compare with.")
+    if batch_size % group_size:
+        raise ValueError(f"batch of {batch_size} completions does not split into groups of "
+                         f"{group_size}: pass B = prompts × group_size rows, group by group.")
+
+
+def check_rewards(rewards, group_size):
+    """The rewards as a 1-D floating tensor, one finite number per completion."""
+    if not torch.is_tensor(rewards):  # Python floats are doubles: keep them so
+        rewards = torch.tensor(rewards, dtype=torch.float64)
+    if not rewards.is_floating_point():
+        rewards = rewards.to(torch.get_default_dtype())
+    if rewards.dim() != 1:
+        raise ValueError(f"rewards must be 1-D, one number per completion (got shape "
+                         f"{tuple(rewards.shape)}).")
+    check_group_size(rewards.numel(), group_size)
+    if not torch.isfinite(rewards).all():
+        bad = (~torch.isfinite(rewards)).nonzero().flatten().tolist()
+        raise ValueError(f"rewards must be finite; rows {bad} are NaN or infinite: fix the reward "
+                         "function so that it returns a real number for every completion.")
+    return rewards
+
+
+def check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation):
+    if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
+        raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
+                         f"{tuple(mask.shape)} must all be the same [B, T] shape.")
+    if advantages.shape not in (logp.shape[:1], logp.shape):
+        raise ValueError(f"advantages must be [B] or [B, T] = {tuple(logp.shape)}, got "
+                         f"{tuple(advantages.shape)}.")
+    if weights is not None and weights.shape != logp.shape:
+        raise ValueError(f"weights must be [B, T] = {tuple(logp.shape)}, got "
+                         f"{tuple(weights.shape)}.")
+    if aggregation not in ("token", "sequence"):
+        raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}.")
+
+
+def check_completions(completion_ids, completion_mask, group_size):
+    """The mask as booleans, after checking shapes, grouping and right padding."""
+    if completion_ids.dim() != 2 or completion_ids.shape != completion_mask.shape:
+        raise ValueError(f"completion_ids {tuple(completion_ids.shape)} and completion_mask "
+                         f"{tuple(completion_mask.shape)} must both be [B, T].")
+    check_group_size(completion_ids.shape[0], group_size)
+    mask = completion_mask.bool()
+    gaps = mask[:, 1:] & ~mask[:, :-1]
+    if gaps.any():
+        rows = gaps.any(1).nonzero().flatten().tolist()
+        raise ValueError(f"completion_mask rows {rows} have a 1 after a 0: a completion must be "
+                         "right-padded, its mask 1…1 0…0 (left-pad the prompt, not the "
+                         "completion).")
+    return mask
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 5. The numerical checks: Figure 1 and Theorem 1 (`python lgrpo.py verify`)
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+# The paper's Figure 1: six completions, letters as tokens, with outcome rewards, and the step
+# table as the paper prints it (members numbered from 1).
+FIGURE1_COMPLETIONS = ["A B C D", "A B E F H I", "J K L M", "J K L N Q S T", "J K L N Q U",
+                       "V W Y Z"]
 FIGURE1_REWARDS = [0.5, 0.5, 1.0, 0.0, 0.0, 0.5]
 FIGURE1_ADVANTAGES = [0.2214, 0.2214, 1.5498, -1.1070, -1.1070, 0.2214]
 FIGURE1_STEPS = [  # (tokens, members, |λ|, R̂, A)
-    ("A B", [1, 2], 2, 0.5, 0.2214), ("C D", [1], 1, 0.5, 0.2214), ("E F H I", [2], 1, 0.5, 0.2214),
-    ("J K L", [3, 4, 5], 3, 0.3333, -0.2214), ("M", [3], 1, 1.0, 1.5498),
-    ("N Q", [4, 5], 2, 0.0, -1.1070), ("S T", [4], 1, 0.0, -1.1070), ("U", [5], 1, 0.0, -1.1070),
-    ("V W Y Z", [6], 1, 0.5, 0.2214)]
+    ("A B", [1, 2], 2, 0.5, 0.2214), ("C D", [1], 1, 0.5, 0.2214),
+    ("E F H I", [2], 1, 0.5, 0.2214), ("J K L", [3, 4, 5], 3, 0.3333, -0.2214),
+    ("M", [3], 1, 1.0, 1.5498), ("N Q", [4, 5], 2, 0.0, -1.1070), ("S T", [4], 1, 0.0, -1.1070),
+    ("U", [5], 1, 0.0, -1.1070), ("V W Y Z", [6], 1, 0.5, 0.2214)]
 
-# The group for the Theorem-1 checks: shared prefixes (1 2, 6 6 2), unequal lengths, a duplicate
+# The group for the Theorem 1 checks: shared prefixes (1 2, 6 6 2), unequal lengths, a duplicate
 # (rows 0 and 2) and a completion that is a prefix of another (row 3 of row 4).
-THEOREM_GROUP = [[1, 2, 3, 4], [1, 2, 5, 6, 7, 3], [1, 2, 3, 4], [6, 6, 2], [6, 6, 2, 5, 1], [3, 1]]
+THEOREM_GROUP = [[1, 2, 3, 4], [1, 2, 5, 6, 7, 3], [1, 2, 3, 4], [6, 6, 2], [6, 6, 2, 5, 1],
+                 [3, 1]]
 THEOREM_REWARDS = [1.0, 0.0, 1.0, 0.0, 0.5, 1.0]
 
 
@@ -411,35 +451,21 @@ def pad_completions(completions, pad_id=0):
     return ids.view(len(completions), T), mask.view(len(completions), T)
 
 
-def tiny_gpt2(vocab_size, n_layer=2, n_embd=32, n_head=2, n_positions=64, seed=0, dtype=torch.float32):
+def tiny_gpt2(vocab_size, n_layer=2, n_embd=32, n_head=2, n_positions=64, seed=0,
+              dtype=torch.float32):
     """A small randomly initialized GPT-2 built from a config (no download), dropout off."""
     from transformers import GPT2Config, GPT2LMHeadModel
-    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd, n_layer=n_layer,
-                        n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
-                        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    config = GPT2Config(vocab_size=vocab_size, n_positions=n_positions, n_embd=n_embd,
+                        n_layer=n_layer, n_head=n_head, resid_pdrop=0.0, embd_pdrop=0.0,
+                        attn_pdrop=0.0, bos_token_id=None, eos_token_id=None, pad_token_id=None)
     with torch.random.fork_rng():  # leave the caller's random stream alone
         torch.manual_seed(seed)
         return GPT2LMHeadModel(config).to(dtype).eval()
 
 
-TOKENIZER_CHARS = "0123456789+-*/=?.,: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{}()\\#$\n'"
-
-
-def char_tokenizer():
-    """A character-level tokenizer built in code (no download): <s>, </s>, <unk> are ids 0, 1, 2;
-    BOS is prepended as Llama's tokenizer does; there is no pad token."""
-    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(TOKENIZER_CHARS)}}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")  # every character
-    tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
-    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
-
-
 @dataclasses.dataclass
 class Check:
+    """One numerical check: what was measured, the bound it must meet, and why it holds."""
     name: str
     measured: float
     passed: bool
@@ -447,23 +473,71 @@ class Check:
     why: str = ""
 
 
-def _max_abs(xs, ys):
+def at_most(name, measured, tol, why=""):
+    return Check(name, measured, measured <= tol, f"≤ {tol:g}", why)
+
+
+def max_abs_diff(xs, ys):
     return max((x - y).abs().max().item() for x, y in zip(xs, ys))
 
 
+def figure1_checks():
+    """The paper's worked example (Figure 1): every number of both tables to 4 decimals.
+
+    The paper computes it with ε = 0 (with ε = 1e-4 the first advantage would read 0.2213).
+    """
+    completions = [c.split() for c in FIGURE1_COMPLETIONS]
+    rewards = torch.tensor(FIGURE1_REWARDS, dtype=torch.float64)
+    G = len(completions)
+    a = group_advantages(rewards, G, eps=0)
+    moments = max(abs(rewards.mean().item() - 0.416667), abs(rewards.std().item() - 0.376386))
+    checks = [at_most("Figure 1: mean(r) = 0.416667, sample std = 0.376386", moments, 5e-7),
+              at_most("Figure 1: outcome advantages a_i",
+                      max_abs_diff(a, torch.tensor(FIGURE1_ADVANTAGES)), 5e-5)]
+    steps = list(trie_steps(build_trie(completions, rewards, eps=0)))
+    got = [(" ".join(n.tokens), [k + 1 for k in n.members], n.size) for n in steps]
+    same_steps = got == [row[:3] for row in FIGURE1_STEPS]
+    diff = max(max(abs(n.reward - row[3]), abs(n.advantage - row[4]))
+               for n, row in zip(steps, FIGURE1_STEPS))
+    checks.append(at_most("Figure 1: the 9 process steps, members, |λ|, R̂ and A",
+                          diff if same_steps else math.inf, 5e-5))
+    # The vectorized functions must agree with the trie on every token.
+    vocab = {t: i for i, t in enumerate(sorted({t for c in completions for t in c}))}
+    ids, mask = pad_completions([[vocab[t] for t in c] for c in completions])
+    sizes, A = process_set_sizes(ids, mask, G), step_advantages(ids, mask, rewards, G, eps=0)
+    disagree = max(max(abs(sizes[k, t].item() - n.size), abs(A[k, t].item() - n.advantage))
+                   for n in steps for k in n.members for t in range(n.start, n.end))
+    checks.append(at_most("Figure 1: process_set_sizes and step_advantages agree with the trie",
+                          disagree, 1e-12))
+    # GRPO's summed push on each token of J K L is Σ_members a_k; λ-GRPO's is that divided by |λ|.
+    jkl = next(n for n in steps if n.tokens == ["J", "K", "L"])
+    grpo_push = a[jkl.members].sum().item()
+    lambda_push = grpo_push / jkl.size
+    checks.append(at_most(f"Figure 1: push on J K L, GRPO {grpo_push:+.4f} (paper −0.6642), "
+                          f"λ-GRPO {lambda_push:+.4f} (paper −0.2214)",
+                          max(abs(grpo_push + 0.6642), abs(lambda_push + 0.2214)), 5e-5,
+                          "J K L M is the best completion, yet GRPO pushes its prefix down 3×"))
+    return checks
+
+
 def theorem1_checks(beta=0.04, tol=1e-10):
-    """Theorem 1 (§2) and λ-GRPO's "each step once" reading (§3), in value and gradient.
+    """Theorem 1 and λ-GRPO's "each step once" reading, in value and gradient.
 
     A tiny float64 GPT-2 in eval mode (dropout would make two forward passes differ) scores
-    THEOREM_GROUP; a second one is the KL reference.
+    THEOREM_GROUP; a second one is the KL reference. Two counterexamples show that both of the
+    theorem's assumptions (token aggregation, μ = 1) are needed.
     """
     G = len(THEOREM_GROUP)
     ids, mask = pad_completions(THEOREM_GROUP)
     rewards = torch.tensor(THEOREM_REWARDS, dtype=torch.float64)
     policy, reference = (tiny_gpt2(8, seed=s, dtype=torch.float64) for s in (0, 1))
     prompt = torch.full((G, 2), 7)
-    input_ids, attention = torch.cat([prompt, ids], 1), torch.cat([torch.ones_like(prompt), mask], 1)
-    score = lambda model: token_logprobs(model, input_ids, attention, prompt.shape[1])
+    input_ids = torch.cat([prompt, ids], 1)
+    attention = torch.cat([torch.ones_like(prompt), mask], 1)
+
+    def score(model):
+        return token_logprobs(model, input_ids, attention, prompt.shape[1])
+
     with torch.no_grad():
         ref_logp = score(reference)
     a = group_advantages(rewards, G)                        # outcome advantages, [B]
@@ -471,21 +545,10 @@ def theorem1_checks(beta=0.04, tol=1e-10):
     w = lambda_weights(ids, mask, G, dtype=torch.float64)
     params = list(policy.parameters())
 
-    def value_and_grad(objective, model=policy, old_logp=None):
-        logp = score(model)
-        loss = objective(logp, logp.detach() if old_logp is None else old_logp)
-        return loss.detach(), torch.autograd.grad(loss, list(model.parameters()))
-
-    def compare(name, f, g, equal, why="", **kw):
-        (v1, g1), (v2, g2) = value_and_grad(f, **kw), value_and_grad(g, **kw)
-        dv, dg = (v1 - v2).abs().item(), _max_abs(g1, g2)
-        if equal:
-            return [Check(f"{name}: value", dv, dv <= tol, f"≤ {tol:g}", why),
-                    Check(f"{name}: gradient of all {len(params)} parameter tensors", dg, dg <= tol,
-                          f"≤ {tol:g}")]
-        return [Check(f"{name}: value", dv, dv > 1e-6, "> 1e-6, equality breaks as the paper says", why)]
-
-    loss = lambda adv, **kw: (lambda logp, old: policy_loss(logp, old, ref_logp, adv, mask, beta=beta, **kw))
+    def objective(advantages, **kw):
+        def loss(logp, old_logp):
+            return policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=beta, **kw)
+        return loss
 
     def steps_counted_once(logp, old):
         # λ-GRPO read off the trie: every process step once, with its step advantage. The terms
@@ -499,6 +562,20 @@ def theorem1_checks(beta=0.04, tol=1e-10):
                                                   mask[i:i + 1, s:e], beta=beta)
         return total / mask.sum()
 
+    def value_and_grad(loss, model=policy, old_logp=None):
+        logp = score(model)
+        value = loss(logp, logp.detach() if old_logp is None else old_logp)
+        return value.detach(), torch.autograd.grad(value, list(model.parameters()))
+
+    def compare(name, f, g, equal, why="", **kw):
+        (v1, g1), (v2, g2) = value_and_grad(f, **kw), value_and_grad(g, **kw)
+        dv, dg = (v1 - v2).abs().item(), max_abs_diff(g1, g2)
+        if equal:
+            return [at_most(f"{name}: value", dv, tol, why),
+                    at_most(f"{name}: gradient of all {len(params)} parameter tensors", dg, tol)]
+        return [Check(f"{name}: value", dv, dv > 1e-6,
+                      "> 1e-6, equality breaks as the paper says", why)]
+
     moved = copy.deepcopy(policy)  # μ > 1: after an update within the batch, π_θ ≠ π_old
     with torch.no_grad():
         gen = torch.Generator().manual_seed(0)
@@ -508,68 +585,38 @@ def theorem1_checks(beta=0.04, tol=1e-10):
     ratio = torch.exp(score(moved) - old_logp).detach()[mask.bool()]
     clipped = ((ratio < 0.8) | (ratio > 1.2)).double().mean().item()
 
-    return (compare("Theorem 1: L_GRPO (outcome a_i) = L_PRM (step A_i,t)", loss(a), loss(A), True,
-                    "P and D depend on the prefix only, so each step's members sum to |λ|·mean(a)")
-            + compare("λ-GRPO (weights 1/|λ|) = each process step counted once", loss(a, weights=w),
-                      steps_counted_once, True, "the |λ| members of a step together push it once")
+    return (compare("Theorem 1: L_GRPO (outcome a_i) = L_PRM (step A_i,t)",
+                    objective(a), objective(A), equal=True,
+                    why="P and D depend on the prefix only, so each step's members sum to "
+                        "|λ|·mean(a)")
+            + compare("λ-GRPO (weights 1/|λ|) = each process step counted once",
+                      objective(a, weights=w), steps_counted_once, equal=True,
+                      why="the |λ| members of a step together push it once")
             + compare("Counterexample: 'sequence' aggregation, unequal lengths",
-                      loss(a, aggregation="sequence"), loss(A, aggregation="sequence"), False,
-                      "members of a step are divided by their own lengths, so they no longer share "
-                      "one coefficient and their a_k do not sum to |λ|·A")
+                      objective(a, aggregation="sequence"), objective(A, aggregation="sequence"),
+                      equal=False,
+                      why="members of a step are divided by their own lengths, so they no longer "
+                          "share one coefficient and their a_k do not sum to |λ|·A")
             + compare(f"Counterexample: μ > 1, clipping active on {clipped:.0%} of tokens",
-                      loss(a), loss(A), False,
-                      "min(P·a, clip(P)·a) depends on each a_k's sign, so it is not linear in a",
+                      objective(a), objective(A), equal=False,
+                      why="min(P·a, clip(P)·a) depends on each a_k's sign, so it is not linear "
+                          "in a",
                       model=moved, old_logp=old_logp)
             + compare("μ > 1 without clipping (ε = ∞): the equality still holds",
-                      loss(a, clip_eps=math.inf), loss(A, clip_eps=math.inf), True,
-                      "P ≠ 1 is harmless: it is still a function of the prefix",
+                      objective(a, clip_eps=math.inf), objective(A, clip_eps=math.inf),
+                      equal=True, why="P ≠ 1 is harmless: it is still a function of the prefix",
                       model=moved, old_logp=old_logp))
-
-
-def figure1_checks():
-    """The paper's worked example (§4): every number of both tables to 4 decimals.
-
-    The paper computes it with ε = 0 (with ε = 1e-4 the first advantage would read 0.2213).
-    """
-    completions = [c.split() for c in FIGURE1_COMPLETIONS]
-    rewards = torch.tensor(FIGURE1_REWARDS, dtype=torch.float64)
-    G = len(completions)
-    a = group_advantages(rewards, G, eps=0)
-    within = lambda name, measured, tol, why="": Check(name, measured, measured <= tol, f"≤ {tol:g}", why)
-    checks = [within("Figure 1: mean(r) = 0.416667, sample std = 0.376386",
-                     max(abs(rewards.mean().item() - 0.416667), abs(rewards.std().item() - 0.376386)), 5e-7),
-              within("Figure 1: outcome advantages a_i", _max_abs(a, torch.tensor(FIGURE1_ADVANTAGES)), 5e-5)]
-    steps = list(trie_steps(build_trie(completions, rewards, eps=0)))
-    got = [(" ".join(n.tokens), [k + 1 for k in n.members], n.size) for n in steps]
-    same_steps = got == [row[:3] for row in FIGURE1_STEPS]
-    diff = max(max(abs(n.reward - row[3]), abs(n.advantage - row[4])) for n, row in zip(steps, FIGURE1_STEPS))
-    checks.append(within("Figure 1: the 9 process steps, members, |λ|, R̂ and A",
-                         diff if same_steps else math.inf, 5e-5))
-    # The vectorized functions must agree with the trie on every token.
-    vocab = {t: i for i, t in enumerate(sorted({t for c in completions for t in c}))}
-    ids, mask = pad_completions([[vocab[t] for t in c] for c in completions])
-    sizes, A = process_set_sizes(ids, mask, G), step_advantages(ids, mask, rewards, G, eps=0)
-    disagree = max(max(abs(sizes[k, t].item() - n.size), abs(A[k, t].item() - n.advantage))
-                   for n in steps for k in n.members for t in range(n.start, n.end))
-    checks.append(within("Figure 1: process_set_sizes and step_advantages agree with the trie", disagree, 1e-12))
-    # GRPO's summed push on each token of J K L is Σ_members a_k; λ-GRPO's is that divided by |λ|.
-    jkl = next(n for n in steps if n.tokens == ["J", "K", "L"])
-    grpo_push, lambda_push = a[jkl.members].sum().item(), (a[jkl.members].sum() / jkl.size).item()
-    checks.append(within(f"Figure 1: push on J K L, GRPO {grpo_push:+.4f} (paper −0.6642), "
-                         f"λ-GRPO {lambda_push:+.4f} (paper −0.2214)",
-                         max(abs(grpo_push + 0.6642), abs(lambda_push + 0.2214)), 5e-5,
-                         "J K L M is the best completion, yet GRPO pushes its prefix down 3×"))
-    return checks
 
 
 def verify():
     """Run every check, print a report, return the number of failures."""
     completions = [c.split() for c in FIGURE1_COMPLETIONS]
-    print("The worked example (§4, Figure 1) as a trie:\n")
+    print("The worked example (Figure 1) as a trie:\n")
     print(format_trie(build_trie(completions, FIGURE1_REWARDS, eps=0)), "\n")
     checks = figure1_checks() + theorem1_checks()
     for c in checks:
-        print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}\n      measured {c.measured:.3e}  (expected {c.bound})")
+        print(f"{'PASS' if c.passed else 'FAIL'}  {c.name}\n"
+              f"      measured {c.measured:.3e}  (expected {c.bound})")
         if c.why:
             print(f"      why: {c.why}")
     failures = sum(not c.passed for c in checks)
@@ -577,23 +624,32 @@ def verify():
     return failures
 
 
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 6. Training an LLM: one GRPO / λ-GRPO step, the reward, data, checkpoints (§7)
-# ─────────────────────────────────────────────────────────────────────────────────────────────
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 6. The toy: a depth-4 binary tree (Table 1; `python lgrpo.py`)
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+#
+# The simplest full loop: sample a group, score it, compute advantages (and λ weights), update.
+# The LLM loop of section 7 runs the same functions, `grpo_update` included.
+
+
+def seed_everything(seed):
+    """Seed Python and torch (CPU and CUDA) so that a run is a function of its seed."""
+    random.seed(seed)
+    torch.manual_seed(seed)
 
 
 def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, completion_mask,
                 advantages, weights=None, old_logp=None, ref_logp=None, updates_per_batch=1,
-                micro_batch_size=None, clip_eps=0.2, beta=0.0, aggregation="token", max_grad_norm=1.0,
-                temperature=1.0):
-    """μ = `updates_per_batch` optimizer steps on one batch of groups (§1).
+                micro_batch_size=None, clip_eps=0.2, beta=0.0, aggregation="token",
+                max_grad_norm=1.0, temperature=1.0):
+    """μ = `updates_per_batch` optimizer steps on one batch of groups, minimizing eq. (2).
 
     λ-GRPO when `weights` are `lambda_weights`, GRPO when None. Each micro-batch's loss is scaled
     by its share of the batch's normalizer (tokens for "token", completions for "sequence"), so
     gradient accumulation gives exactly the full-batch gradient. `old_logp` is needed when μ > 1
     (with μ = 1 it is logp itself, detached); `ref_logp` when β > 0; all three at the sampling
-    `temperature`. Returns tensor statistics:
-    the loss and clipped share averaged over the μ updates, the k3 KL of the sampling policy.
+    `temperature`. Returns tensor statistics: the loss and clipped share averaged over the μ
+    updates, the k3 KL of the sampling policy, the gradient norm before clipping.
     """
     B = input_ids.shape[0]
     mb = micro_batch_size or B
@@ -605,14 +661,17 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     for update in range(updates_per_batch):
         for s in range(0, B, mb):
             rows, mask = slice(s, s + mb), completion_mask[s:s + mb]
-            logp = token_logprobs(model, input_ids[rows], attention_mask[rows], completion_start, temperature)
+            logp = token_logprobs(model, input_ids[rows], attention_mask[rows], completion_start,
+                                  temperature)
             old = logp.detach() if old_logp is None else old_logp[rows]
             ref = None if ref_logp is None else ref_logp[rows]
             loss = policy_loss(logp, old, ref, advantages[rows], mask,
-                               None if weights is None else weights[rows], clip_eps, beta, aggregation)
-            # This micro-batch's share of the normalizer, in the loss's dtype (int / int is float32).
-            share = torch.as_tensor(mask.sum() if aggregation == "token" else mask.shape[0],
-                                    dtype=loss.dtype) / norm
+                               weights=None if weights is None else weights[rows],
+                               clip_eps=clip_eps, beta=beta, aggregation=aggregation)
+            # This micro-batch's share of the normalizer, in the loss's dtype (int / int would
+            # be float32).
+            size = mask.sum() if aggregation == "token" else mask.shape[0]
+            share = torch.as_tensor(size, dtype=loss.dtype) / norm
             (loss * share).backward()
             with torch.no_grad():  # statistics stay tensors: no host sync inside the loop
                 A = advantages[rows][:, None] if advantages.dim() == 1 else advantages[rows]
@@ -623,11 +682,401 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
                 if ref is not None and update == 0:  # KL(π_old ‖ π_ref) on π_old's own samples
                     d = (ref - logp.detach())[valid]
                     stats["kl"] += (torch.exp(d) - d - 1).sum() / n_tokens
-        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm, foreach=True)
+        stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm,
+                                                            foreach=True)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
 
+
+TOY_DEPTH = 4
+
+
+def tree_rewards(paths, target, n, r_neg):
+    """The toy's outcome reward (Table 1): 1.0 for the target path T, r_neg for every other path
+    that shares T's first n tokens (a trap: T's own prefix looks bad on average), 0.7 for all the
+    rest."""
+    hit = (paths == target).all(1)
+    trap = (paths[:, :n] == target[:n]).all(1)
+    return torch.where(hit, 1.0, torch.where(trap, r_neg, 0.7))
+
+
+class AllowTokens:
+    """Logits processor: sample only the given tokens (the toy's L and R)."""
+
+    def __init__(self, token_ids):
+        self.token_ids = token_ids
+
+    def __call__(self, input_ids, scores):
+        keep = torch.full_like(scores, -math.inf)
+        keep[:, self.token_ids] = 0
+        return scores + keep
+
+
+def toy_policy(name_or_path, seed):
+    """(model, start token, [L, R] token ids): a random-init 1-layer GPT-2 over {<s>, L, R} by
+    default, or a pretrained causal LM whose tokens "L" and "R" are the two actions."""
+    if name_or_path is None:
+        model = tiny_gpt2(vocab_size=3, n_layer=1, n_embd=64, n_head=2, n_positions=8, seed=seed)
+        return model, 0, [1, 2]
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    actions = [tokenizer.convert_tokens_to_ids(t) for t in ("L", "R")]
+    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+    return load_causal_lm(name_or_path, torch.float32, "cpu").eval(), start, actions
+
+
+def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None):
+    """One training run on the tree; returns the per-step frequency of the target path.
+
+    sample_completions → tree_rewards → group_advantages → lambda_weights → grpo_update
+    (μ = 1, β = 0, token aggregation).
+    """
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # the same arithmetic whatever the number of worker processes
+    try:
+        seed_everything(seed)
+        model, start, actions = toy_policy(toy_model, seed)
+        # The target depends on the seed only: GRPO and λ-GRPO face the same tree.
+        coin = torch.Generator().manual_seed(seed)
+        target = torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=coin)]
+        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
+        prompt = torch.tensor([[start]])
+        inputs_mask = torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long)
+        frequency = []
+        for _ in range(steps):
+            paths = sample_completions(model, prompt, torch.ones_like(prompt), group_size,
+                                       max_new_tokens=TOY_DEPTH, eos_token_id=None,
+                                       temperature=temperature, top_k=0, top_p=1.0,
+                                       logits_processor=[AllowTokens(actions)])
+            mask = torch.ones_like(paths)
+            rewards = tree_rewards(paths, target, n, r_neg)
+            weights = lambda_weights(paths, mask, group_size) if loss == "lambda" else None
+            grpo_update(model, optimizer,
+                        input_ids=torch.cat([prompt.expand(group_size, -1), paths], 1),
+                        attention_mask=inputs_mask, completion_start=1, completion_mask=mask,
+                        advantages=group_advantages(rewards, group_size), weights=weights,
+                        temperature=temperature)
+            frequency.append((paths == target).all(1).double().mean().item())
+        return frequency
+    finally:
+        torch.set_num_threads(threads)
+
+
+def toy_job(job):
+    """toy_run on a dict of arguments (what a worker process receives)."""
+    return toy_run(**job)
+
+
+def toy_sweep(args):
+    """Table 1: every (n, r_neg) cell × {GRPO, λ-GRPO} × seeds, in parallel worker processes."""
+    import multiprocessing
+    from tqdm import tqdm
+    cells = [(n, r) for n in args.n for r in args.r_neg]
+    jobs = []
+    for n, r in cells:
+        for loss in ("grpo", "lambda"):
+            for seed in range(args.seed, args.seed + args.seeds):
+                jobs.append(dict(n=n, r_neg=r, loss=loss, seed=seed, steps=args.steps,
+                                 group_size=args.group_size, lr=args.lr,
+                                 temperature=args.temperature, toy_model=args.toy_model))
+    workers = min(args.workers or os.cpu_count(), len(jobs))
+    if workers > 1:
+        with multiprocessing.get_context("spawn").Pool(workers) as pool:
+            curves = list(tqdm(pool.imap(toy_job, jobs), total=len(jobs), desc="toy runs"))
+    else:
+        curves = [toy_run(**job) for job in tqdm(jobs, desc="toy runs")]
+    last = min(50, args.steps)
+    result = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "cells": []}
+    for n, r in cells:
+        cell = {"n": n, "r_neg": r}
+        for loss in ("grpo", "lambda"):
+            runs = [curve for job, curve in zip(jobs, curves)
+                    if (job["n"], job["r_neg"], job["loss"]) == (n, r, loss)]
+            per_seed = [sum(c[-last:]) / last for c in runs]
+            mean, ci = mean_ci95(per_seed)
+            cell[loss] = {"mean": mean, "ci95": ci, "per_seed": per_seed,
+                          "curve": [sum(step) / len(runs) for step in zip(*runs)]}
+        result["cells"].append(cell)
+    print(format_table1(result))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+PAPER_TABLE1 = {  # (n, r_neg): (GRPO, λ-GRPO, Δ) as the paper reports them
+    (1, -0.5): (0.3995, 0.5663, 0.1668), (1, -1.0): (0.0000, 0.7535, 0.7535),
+    (1, -1.5): (0.2000, 0.4463, 0.2463), (2, -0.5): (0.1980, 0.4292, 0.2312),
+    (2, -1.0): (0.0488, 0.3612, 0.3125), (2, -1.5): (0.0000, 0.3820, 0.3820)}
+
+T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179,
+         2.160, 2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064,
+         2.060, 2.056, 2.052, 2.048, 2.045, 2.042]  # Student-t 97.5% quantiles, 1…30 d.o.f.
+
+
+def mean_ci95(xs):
+    """Mean and half-width of a Student-t 95% confidence interval over seeds."""
+    m = sum(xs) / len(xs)
+    if len(xs) < 2:
+        return m, math.nan
+    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
+    t = T_975[len(xs) - 2] if len(xs) - 1 <= len(T_975) else 1.96
+    return m, t * sd / math.sqrt(len(xs))
+
+
+def format_table1(result):
+    """Our Table 1 beside the paper's."""
+    cells = result["cells"]
+    lines = [f"{'n':>2} {'r_neg':>6} | {'GRPO':>15} {'λ-GRPO':>15} {'Δ':>7} | "
+             f"paper: {'GRPO':>6} {'λ-GRPO':>6} {'Δ':>6}"]
+    for cell in cells:
+        g, l = cell["grpo"], cell["lambda"]
+        paper = PAPER_TABLE1.get((cell["n"], cell["r_neg"]))
+        paper = " ".join(f"{x:6.4f}" for x in paper) if paper else "     -      -      -"
+        lines.append(f"{cell['n']:>2} {cell['r_neg']:>6} | {g['mean']:6.4f} ± {g['ci95']:6.4f} "
+                     f"{l['mean']:6.4f} ± {l['ci95']:6.4f} {l['mean'] - g['mean']:+7.4f} | "
+                     f"       {paper}")
+    last = {loss: sum(c[loss]["mean"] for c in cells) / len(cells) for loss in ("grpo", "lambda")}
+    wins = sum(c["lambda"]["mean"] > c["grpo"]["mean"] for c in cells)
+    lines.append(f"mean over cells: GRPO {last['grpo']:.4f}, λ-GRPO {last['lambda']:.4f}, "
+                 f"Δ {last['lambda'] - last['grpo']:+.4f}; λ-GRPO ahead in {wins} of "
+                 f"{len(cells)} cells")
+    # The protocol reads the last 50 steps; the mean over all steps also shows how fast T is found.
+    every = {loss: sum(sum(c[loss]["curve"]) / len(c[loss]["curve"]) for c in cells) / len(cells)
+             for loss in ("grpo", "lambda")}
+    lines.append(f"mean over cells and all {len(cells[0]['grpo']['curve'])} steps: "
+                 f"GRPO {every['grpo']:.4f}, λ-GRPO {every['lambda']:.4f}, "
+                 f"Δ {every['lambda'] - every['grpo']:+.4f}")
+    return "\n".join(lines)
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 7. Training an LLM on math problems (Table 2's setup; `python lgrpo.py train`)
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def train(args):
+    """GRPO / λ-GRPO on a causal LM and a math dataset. Writes metrics.jsonl and checkpoints."""
+    from tqdm import tqdm
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    seed_everything(args.seed)
+    os.makedirs(args.output_dir, exist_ok=True)
+    resume_from = latest_checkpoint(args) if args.resume else None
+    reward_fn = load_reward(args.reward)
+    train_rows, eval_rows = load_problems(args)
+    if args.eval_every and not eval_rows:
+        raise InputError("--eval-every needs held-out problems: pass --eval-split or "
+                         "--eval-fraction.")
+    model, reference, tokenizer, optimizer = setup_training(args, device, resume_from)
+    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
+    start = restore_run(args, resume_from, optimizer, metrics_path)
+    eos_ids = eos_token_ids(tokenizer, model)
+    G = args.group_size
+    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.loss)
+    for step in bar:
+        t0 = time.perf_counter()
+        if device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        # 1. Rollouts: G completions per prompt, masked through the first EOS (or the box).
+        problems = step_problems(train_rows, step, args.prompts_per_step, args.seed)
+        enc = encode_prompts(tokenizer, [q for q, _ in problems], args.system_prompt, device)
+        completion_ids, mask, truncated = rollout(args, model, tokenizer, enc, eos_ids)
+        t1 = time.perf_counter()
+        # 2. Rewards and advantages; for λ-GRPO the weights 1/|λ|.
+        shown = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
+        references = [answer for _, answer in problems for _ in range(G)]
+        rewards = compute_rewards(reward_fn, texts, references).to(device)
+        advantages = group_advantages(rewards, G, args.adv_eps)
+        weights = lambda_weights(completion_ids, mask, G) if args.loss == "lambda" else None
+        # 3. Log-probs the update compares against: π_old's when μ > 1, π_ref's when β > 0.
+        P = enc["input_ids"].shape[1]
+        input_ids = torch.cat([enc["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
+        attention = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask], 1)
+        old_logp, ref_logp = reference_logprobs(args, model, reference, input_ids, attention, P)
+        t2 = time.perf_counter()
+        # 4. Update: μ optimizer steps on the batch.
+        model.train()
+        stats = grpo_update(model, optimizer, input_ids=input_ids, attention_mask=attention,
+                            completion_start=P, completion_mask=mask, advantages=advantages,
+                            weights=weights, old_logp=old_logp, ref_logp=ref_logp,
+                            updates_per_batch=args.updates_per_batch,
+                            micro_batch_size=args.micro_batch_size, clip_eps=args.clip_eps,
+                            beta=args.beta, aggregation=args.aggregation,
+                            max_grad_norm=args.max_grad_norm, temperature=args.temperature)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        t3 = time.perf_counter()
+        # 5. Log and checkpoint.
+        row = {"step": step + 1, "reward_mean": rewards.mean().item(),
+               "reward_std": rewards.std().item(), "loss": float(stats["loss"]),
+               "kl": float(stats["kl"]) if args.beta > 0 else None,
+               "clip_frac": float(stats["clip_frac"]), "grad_norm": float(stats["grad_norm"]),
+               "completion_len": mask.sum(1).double().mean().item(),
+               "truncated_frac": truncated.double().mean().item(),
+               "zero_std_frac": zero_std_fraction(rewards, G),
+               **trie_stats(completion_ids, mask, G),
+               "tokens_per_s": mask.sum().item() / (t3 - t0), "time_gen": t1 - t0,
+               "time_score": t2 - t1, "time_update": t3 - t2,
+               "peak_mem_mb": peak_memory_mb(device)}
+        rows = [row]
+        if args.eval_every and (step + 1) % args.eval_every == 0:
+            accuracy = evaluate(model, tokenizer, eval_rows[:args.eval_size], reward_fn, args,
+                                device)
+            rows.append({"step": step + 1, "eval_accuracy": accuracy})
+            tqdm.write(f"step {step + 1}: eval accuracy {accuracy:.4f}")
+        append_metrics(metrics_path, rows)
+        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
+        if args.save_every and (step + 1) % args.save_every == 0:
+            save_checkpoint(args.output_dir, step + 1, model, tokenizer, optimizer, args)
+    return model
+
+
+def setup_training(args, device, resume_from):
+    """The tokenizer, the policy (full or LoRA, from a checkpoint when resuming), the frozen
+    reference when β > 0, and the optimizer."""
+    from transformers import AutoTokenizer
+    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
+             "float32": torch.float32, "bfloat16": torch.bfloat16,
+             "float16": torch.float16}[args.dtype]
+    tokenizer = AutoTokenizer.from_pretrained(resume_from or args.model,
+                                              trust_remote_code=args.trust_remote_code)
+    tokenizer.padding_side = "left"
+    if tokenizer.pad_token is None:  # safe: masks come from the first EOS, never from pad ids
+        tokenizer.pad_token = tokenizer.eos_token
+    weights_from = args.model if args.lora_r else resume_from or args.model
+    model = load_causal_lm(weights_from, dtype, device, args.trust_remote_code)
+    if args.lora_r:
+        model = add_lora(args, model, resume_from)
+    reference = None
+    if args.beta > 0 and not args.lora_r:  # with LoRA the reference is the base model, adapters off
+        reference = load_causal_lm(args.model, dtype, device, args.trust_remote_code)
+        reference.eval().requires_grad_(False)
+    if args.gradient_checkpointing:
+        model.gradient_checkpointing_enable()
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay,
+                                  fused=True)
+    return model, reference, tokenizer, optimizer
+
+
+def load_causal_lm(name_or_path, dtype, device, trust_remote_code=False):
+    """AutoModelForCausalLM with every dropout rate set to 0: with dropout, two forward passes of
+    the same weights differ and the ratio P would not be exactly 1 at μ = 1."""
+    import transformers
+    from transformers import AutoConfig, AutoModelForCausalLM
+    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    for key, value in config.to_dict().items():
+        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
+            setattr(config, key, 0.0)
+    # `torch_dtype` was renamed `dtype` in transformers 5.0.
+    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"
+    model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config,
+                                                 trust_remote_code=trust_remote_code,
+                                                 **{dtype_key: dtype})
+    return model.to(device)
+
+
+def add_lora(args, model, resume_from):
+    """LoRA adapters on every linear layer (the authors' r = 64, α = 128), or the checkpoint's."""
+    try:
+        import peft
+    except ImportError:
+        raise InputError("--lora-r needs the peft package: pip install peft (or drop "
+                         "--lora-r).") from None
+    if resume_from:
+        return peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+    # LoRA dropout stays 0 (the authors': 0.05) for the same reason as the model's dropout.
+    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                             target_modules="all-linear", task_type="CAUSAL_LM")
+    return peft.get_peft_model(model, config)
+
+
+def eos_token_ids(tokenizer, model):
+    """Every token that ends a completion: the tokenizer's EOS and the generation config's."""
+    configured = model.generation_config.eos_token_id
+    configured = configured if isinstance(configured, list) else [configured]
+    return {tokenizer.eos_token_id} | {t for t in configured if t is not None}
+
+
+def rollout(args, model, tokenizer, enc, eos_ids):
+    """G sampled completions per prompt, their masks and which were truncated.
+
+    With --stop-at-boxed a completion ends once its first \\boxed{...} closes (the authors'
+    rule); generate pads it after that, and the mask ends there too.
+    """
+    from transformers import StoppingCriteriaList
+    P = enc["input_ids"].shape[1]
+    stop = StoppingCriteriaList([StopWhenBoxed(tokenizer, P)]) if args.stop_at_boxed else None
+    model.eval()
+    completion_ids = sample_completions(
+        model, enc["input_ids"], enc["attention_mask"], args.group_size,
+        batch_size=args.generation_batch_size, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=sorted(eos_ids), max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
+        repetition_penalty=1.0, stopping_criteria=stop)
+    stops = boxed_lengths(tokenizer, completion_ids) if args.stop_at_boxed else None
+    mask, truncated = completion_mask(completion_ids, eos_ids, stops)
+    return completion_ids, mask, truncated
+
+
+@torch.no_grad()
+def reference_logprobs(args, model, reference, input_ids, attention, completion_start):
+    """(old_logp, ref_logp): π_old's token log-probs when μ > 1, else None; π_ref's when β > 0,
+    else None (with LoRA, π_ref is the base model: the policy with its adapters off)."""
+    def score(m):
+        mb = args.micro_batch_size
+        return torch.cat([token_logprobs(m, input_ids[s:s + mb], attention[s:s + mb],
+                                         completion_start, args.temperature)
+                          for s in range(0, input_ids.shape[0], mb)])
+
+    old_logp = score(model) if args.updates_per_batch > 1 else None
+    if args.beta <= 0:
+        return old_logp, None
+    if reference is None:
+        with model.disable_adapter():
+            return old_logp, score(model)
+    return old_logp, score(reference)
+
+
+def zero_std_fraction(rewards, group_size):
+    """Share of groups whose rewards are all equal: they carry no signal (advantages 0)."""
+    r = rewards.view(-1, group_size)
+    return (r == r[:, :1]).all(1).double().mean().item()
+
+
+def evaluate(model, tokenizer, problems, reward_fn, args, device):
+    """Mean reward of greedy completions on held-out problems (accuracy, for the math reward)."""
+    model.eval()
+    total, width = 0.0, args.generation_batch_size or args.prompts_per_step * args.group_size
+    for s in range(0, len(problems), width):
+        batch = problems[s:s + width]
+        enc = encode_prompts(tokenizer, [q for q, _ in batch], args.system_prompt, device)
+        with torch.no_grad():
+            out = model.generate(**enc, do_sample=False, max_new_tokens=args.max_new_tokens,
+                                 pad_token_id=tokenizer.pad_token_id)
+        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
+                                       skip_special_tokens=True)
+        total += compute_rewards(reward_fn, texts, [ref for _, ref in batch]).sum().item()
+    return total / max(1, len(problems))
+
+
+def peak_memory_mb(device):
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource  # CPU: the process's peak resident memory
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 8. Scaling out with TRL
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# A. Answer checking
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 # The reward: exact match of the final answer. Model output is parsed, never evaluated.
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
@@ -659,7 +1108,7 @@ def last_boxed(text):
 
 
 def boxed_closed(text):
-    """True once the first \\boxed{ has its closing brace (the authors' stopping rule, §7)."""
+    """True once the first \\boxed{ has its closing brace (the authors' stopping rule)."""
     match = _BOX_OPEN.search(text)
     return match is not None and _closing_brace(text, match.end() - 1) is not None
 
@@ -717,59 +1166,18 @@ def load_reward(spec):
         return math_reward
     module, _, name = spec.partition(":")
     if not name:
-        raise ValueError(f"--reward {spec!r}: write it as module:function, e.g. my_rewards:score.")
+        raise InputError(f"--reward {spec!r}: write it as module:function, e.g. "
+                         "my_rewards:score.")
     return getattr(importlib.import_module(module), name)
 
 
-FIELD_GUESSES = {"prompt": ["question", "problem", "prompt"], "answer": ["answer", "solution"]}
-
-
-def load_problems(args):
-    """(train, eval) lists of (question, reference) from a hub dataset or a local file."""
-    import datasets
-    local = os.path.splitext(args.dataset)[1].lower()
-    formats = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
-    if os.path.exists(args.dataset):
-        if local not in formats:
-            raise ValueError(f"--dataset {args.dataset}: use a .jsonl, .json, .csv or .parquet file.")
-        data = datasets.load_dataset(formats[local], data_files=args.dataset)
-    else:
-        data = datasets.load_dataset(args.dataset, args.dataset_config)
-    train_split = data[args.train_split]
-    columns = train_split.column_names
-    fields = {}
-    for kind, given in (("prompt", args.prompt_field), ("answer", args.answer_field)):
-        name = given or next((c for c in FIELD_GUESSES[kind] if c in columns), None)
-        if name not in columns:
-            raise ValueError(f"no {kind} field {name!r} in {args.dataset}; its columns are {columns}: "
-                             f"pass --{kind}-field with one of them.")
-        fields[kind] = name
-    if args.eval_split:
-        evaluation = data[args.eval_split]
-    elif args.eval_fraction > 0:
-        parts = train_split.train_test_split(test_size=args.eval_fraction, seed=args.seed)
-        train_split, evaluation = parts["train"], parts["test"]
-    else:
-        evaluation = train_split.select([])
-    rows = lambda d: list(zip(d[fields["prompt"]], map(str, d[fields["answer"]])))
-    return rows(train_split), rows(evaluation)
-
-
-def encode_prompts(tokenizer, questions, system_prompt, device):
-    """Left-padded prompt tensors: the tokenizer's chat template when it has one (it adds its own
-    special tokens), else plain text with the tokenizer's usual special tokens (BOS)."""
-    if getattr(tokenizer, "chat_template", None):
-        texts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
-                                                {"role": "user", "content": q}],
-                                               tokenize=False, add_generation_prompt=True) for q in questions]
-    else:
-        texts = [f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n" for q in questions]
-    return tokenizer(texts, return_tensors="pt", padding=True,
-                     add_special_tokens=not getattr(tokenizer, "chat_template", None)).to(device)
+def compute_rewards(reward_fn, texts, references):
+    """One outcome reward per completion: reward_fn(completion_text, reference)."""
+    return torch.tensor([float(reward_fn(text, ref)) for text, ref in zip(texts, references)])
 
 
 class StopWhenBoxed:
-    """Stopping criterion: a row is done once its first \\boxed{...} closes (§7)."""
+    """Stopping criterion: a row is done once its first \\boxed{...} closes (the authors' rule)."""
 
     def __init__(self, tokenizer, prompt_len):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
@@ -796,27 +1204,123 @@ def boxed_lengths(tokenizer, completion_ids):
         lengths.append(lo)
     return torch.tensor(lengths, device=completion_ids.device)
 
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# B. Data
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
 
-def load_causal_lm(name_or_path, dtype, device, trust_remote_code=False):
-    """AutoModelForCausalLM with every dropout rate set to 0: with dropout, two forward passes of
-    the same weights differ and the ratio P would not be exactly 1 at μ = 1."""
-    import transformers
-    from transformers import AutoConfig, AutoModelForCausalLM
-    config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    for key, value in config.to_dict().items():
-        if isinstance(value, float) and ("dropout" in key or "pdrop" in key):
-            setattr(config, key, 0.0)
-    dtype_key = "dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype"  # renamed in 5.0
-    model = AutoModelForCausalLM.from_pretrained(name_or_path, config=config, trust_remote_code=trust_remote_code,
-                                                 **{dtype_key: dtype})
-    return model.to(device)
+FIELD_GUESSES = {"prompt": ["question", "problem", "prompt"], "answer": ["answer", "solution"]}
 
+
+def load_problems(args):
+    """(train, eval) lists of (question, reference) from a hub dataset or a local file."""
+    import datasets
+    local = os.path.splitext(args.dataset)[1].lower()
+    formats = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
+    if os.path.exists(args.dataset):
+        if local not in formats:
+            raise InputError(f"--dataset {args.dataset}: use a .jsonl, .json, .csv or .parquet "
+                             "file.")
+        data = datasets.load_dataset(formats[local], data_files=args.dataset)
+    else:
+        data = datasets.load_dataset(args.dataset, args.dataset_config)
+    train_split = data[args.train_split]
+    columns = train_split.column_names
+    fields = {}
+    for kind, given in (("prompt", args.prompt_field), ("answer", args.answer_field)):
+        name = given or next((c for c in FIELD_GUESSES[kind] if c in columns), None)
+        if name not in columns:
+            raise InputError(f"no {kind} field {name!r} in {args.dataset}; its columns are "
+                             f"{columns}: pass --{kind}-field with one of them.")
+        fields[kind] = name
+    if args.eval_split:
+        evaluation = data[args.eval_split]
+    elif args.eval_fraction > 0:
+        parts = train_split.train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train_split, evaluation = parts["train"], parts["test"]
+    else:
+        evaluation = train_split.select([])
+    return [problem_rows(split, fields) for split in (train_split, evaluation)]
+
+
+def problem_rows(split, fields):
+    """(question, reference) pairs of a dataset split; references as strings."""
+    return list(zip(split[fields["prompt"]], map(str, split[fields["answer"]])))
+
+
+def step_problems(problems, step, k, seed):
+    """The k problems of a step: consecutive slices of a seeded shuffle per epoch, a function of
+    the step alone, so that a resumed run sees the same data."""
+    out = []
+    for j in range(step * k, (step + 1) * k):
+        epoch, pos = divmod(j, len(problems))
+        shuffle = torch.Generator().manual_seed(seed + epoch)
+        order = torch.randperm(len(problems), generator=shuffle)
+        out.append(problems[order[pos]])
+    return out
+
+
+def encode_prompts(tokenizer, questions, system_prompt, device):
+    """Left-padded prompt tensors: the tokenizer's chat template when it has one (it adds its own
+    special tokens), else plain text with the tokenizer's usual special tokens (BOS)."""
+    chat = bool(getattr(tokenizer, "chat_template", None))
+    texts = []
+    for q in questions:
+        if chat:
+            messages = [{"role": "system", "content": system_prompt},
+                        {"role": "user", "content": q}]
+            texts.append(tokenizer.apply_chat_template(messages, tokenize=False,
+                                                       add_generation_prompt=True))
+        else:
+            texts.append(f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n")
+    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    return encoded.to(device)
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# C. Runs: checkpoints and resume
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 def checkpoint_dirs(output_dir):
     """Finished checkpoints under `output_dir`, oldest first."""
     names = os.listdir(output_dir) if os.path.isdir(output_dir) else []
     steps = sorted(int(n.split("-")[1]) for n in names if re.fullmatch(r"checkpoint-\d+", n))
     return [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
+
+
+def latest_checkpoint(args):
+    """The checkpoint --resume continues from: the newest in --output-dir."""
+    found = checkpoint_dirs(args.output_dir)
+    if not found:
+        raise InputError(f"--resume: no checkpoint-N folder in {args.output_dir}; run without "
+                         "--resume to start, with --save-every N to write checkpoints.")
+    return found[-1]
+
+
+def restore_run(args, resume_from, optimizer, metrics_path):
+    """The step to start from: the checkpoint's when resuming (optimizer and random state
+    restored, later metrics rows dropped), else 0, after refusing to overwrite an earlier run."""
+    if not resume_from:
+        if os.path.exists(metrics_path) or checkpoint_dirs(args.output_dir):
+            raise InputError(f"{args.output_dir} holds an earlier run: pass --resume to continue "
+                             "it, or choose another --output-dir (nothing was overwritten).")
+        return 0
+    state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
+    optimizer.load_state_dict(state["optimizer"])
+    torch.set_rng_state(state["torch_rng"])
+    if state["cuda_rng"]:
+        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    # Rows logged after the checkpoint belong to the lost part of the run.
+    with open(metrics_path) as f:
+        rows = [line for line in f if json.loads(line)["step"] <= state["step"]]
+    with open(metrics_path, "w") as f:
+        f.writelines(rows)
+    return state["step"]
+
+
+def append_metrics(metrics_path, rows):
+    """Append rows to metrics.jsonl, one JSON object per line."""
+    with open(metrics_path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
 
 
 def save_checkpoint(output_dir, step, model, tokenizer, optimizer, args):
@@ -834,559 +1338,53 @@ def save_checkpoint(output_dir, step, model, tokenizer, optimizer, args):
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
-
-def evaluate(model, tokenizer, problems, reward_fn, args, device):
-    """Mean reward of greedy completions on held-out problems (accuracy, for the math reward)."""
-    model.eval()
-    total, width = 0.0, args.generation_batch_size or args.prompts_per_step * args.group_size
-    for s in range(0, len(problems), width):
-        batch = problems[s:s + width]
-        enc = encode_prompts(tokenizer, [q for q, _ in batch], args.system_prompt, device)
-        with torch.no_grad():
-            out = model.generate(**enc, do_sample=False, max_new_tokens=args.max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
-        total += sum(reward_fn(t, ref) for t, (_, ref) in zip(texts, batch))
-    return total / max(1, len(problems))
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# D. Plots
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 
-def step_problems(problems, step, k, seed):
-    """The k problems of a step: consecutive slices of a seeded shuffle per epoch, a function of
-    the step alone, so that a resumed run sees the same data."""
-    out = []
-    for j in range(step * k, (step + 1) * k):
-        epoch, pos = divmod(j, len(problems))
-        order = torch.randperm(len(problems), generator=torch.Generator().manual_seed(seed + epoch))
-        out.append(problems[order[pos]])
-    return out
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# E. Tiny models built in code (the tests, the tutorial and bench.py share them)
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+TOKENIZER_CHARS = ("0123456789+-*/=?.,: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
+                   "{}()\\#$\n'")
 
 
-def train(args):
-    """GRPO / λ-GRPO on a causal LM and a math dataset (§7). Writes metrics.jsonl and checkpoints."""
-    from tqdm import tqdm
-    from transformers import AutoTokenizer, StoppingCriteriaList
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32, "float32": torch.float32,
-             "bfloat16": torch.bfloat16, "float16": torch.float16}[args.dtype]
-    seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    resume_from = None
-    if args.resume:
-        found = checkpoint_dirs(args.output_dir)
-        if not found:
-            raise ValueError(f"--resume: no checkpoint-N folder in {args.output_dir}; run without --resume "
-                             "to start, with --save-every N to write checkpoints.")
-        resume_from = found[-1]
-    reward_fn = load_reward(args.reward)
-    train_rows, eval_rows = load_problems(args)
-    if args.eval_every and not eval_rows:
-        raise ValueError("--eval-every needs held-out problems: pass --eval-split or --eval-fraction.")
-
-    tokenizer = AutoTokenizer.from_pretrained(resume_from or args.model, trust_remote_code=args.trust_remote_code)
-    tokenizer.padding_side = "left"
-    if tokenizer.pad_token is None:  # safe: masks come from the first EOS, never from pad ids
-        tokenizer.pad_token = tokenizer.eos_token
-    model = load_causal_lm(args.model if args.lora_r else resume_from or args.model, dtype, device,
-                           args.trust_remote_code)
-    if args.lora_r:
-        try:
-            import peft
-        except ImportError:
-            raise ValueError("--lora-r needs the peft package: pip install peft (or drop --lora-r).") from None
-        if resume_from:
-            model = peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-        else:  # LoRA dropout stays 0 for the same reason as the model's dropout
-            model = peft.get_peft_model(model, peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha,
-                                                               lora_dropout=0.0, target_modules="all-linear",
-                                                               task_type="CAUSAL_LM"))
-    reference = None
-    if args.beta > 0 and not args.lora_r:  # with LoRA the reference is the base model, adapters off
-        reference = load_causal_lm(args.model, dtype, device, args.trust_remote_code).eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=args.lr, fused=True,
-                                  weight_decay=args.weight_decay)
-    start = 0
-    metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    if resume_from:
-        state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
-        optimizer.load_state_dict(state["optimizer"])
-        torch.set_rng_state(state["torch_rng"])
-        if state["cuda_rng"]:
-            torch.cuda.set_rng_state_all(state["cuda_rng"])
-        start = state["step"]
-        # Rows logged after the checkpoint belong to the lost part of the run.
-        with open(metrics_path) as f:
-            rows = [line for line in f if json.loads(line)["step"] <= start]
-        with open(metrics_path, "w") as f:
-            f.writelines(rows)
-    elif os.path.exists(metrics_path) or checkpoint_dirs(args.output_dir):
-        raise ValueError(f"{args.output_dir} holds an earlier run: pass --resume to continue it, or choose "
-                         "another --output-dir (nothing was overwritten).")
-
-    eos_ids = {tokenizer.eos_token_id} | set(torch.tensor(model.generation_config.eos_token_id or []).view(-1).tolist())
-    G = args.group_size
-    bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=f"{args.loss}")
-    for step in bar:
-        t0 = time.perf_counter()
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats()
-        # 1. Rollouts: G completions per prompt.
-        problems = step_problems(train_rows, step, args.prompts_per_step, args.seed)
-        enc = encode_prompts(tokenizer, [q for q, _ in problems], args.system_prompt, device)
-        P = enc["input_ids"].shape[1]
-        model.eval()
-        stop = StoppingCriteriaList([StopWhenBoxed(tokenizer, P)]) if args.stop_at_boxed else None
-        completion_ids = sample_completions(
-            model, enc["input_ids"], enc["attention_mask"], G, batch_size=args.generation_batch_size,
-            pad_token_id=tokenizer.pad_token_id, eos_token_id=sorted(eos_ids), max_new_tokens=args.max_new_tokens,
-            temperature=args.temperature, top_p=args.top_p, top_k=args.top_k, repetition_penalty=1.0,
-            stopping_criteria=stop)
-        mask, truncated = completion_mask(completion_ids, eos_ids,
-                                          boxed_lengths(tokenizer, completion_ids) if args.stop_at_boxed else None)
-        t1 = time.perf_counter()
-        # 2. Score: rewards, advantages, λ weights, and the log-probs the update compares against.
-        texts = tokenizer.batch_decode(completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id),
-                                       skip_special_tokens=True)
-        rewards = torch.tensor([float(reward_fn(t, ref)) for t, (_, ref) in
-                                zip(texts, [p for p in problems for _ in range(G)])], device=device)
-        advantages = group_advantages(rewards, G, args.adv_eps)
-        weights = lambda_weights(completion_ids, mask, G) if args.loss == "lambda" else None
-        input_ids = torch.cat([enc["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
-        attention = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask], 1)
-        mb = args.micro_batch_size
-        scored = lambda m: torch.cat([token_logprobs(m, input_ids[s:s + mb], attention[s:s + mb], P, args.temperature)
-                                      for s in range(0, input_ids.shape[0], mb)])
-        with torch.no_grad():
-            old_logp = scored(model) if args.updates_per_batch > 1 else None
-            if args.beta > 0 and reference is None:
-                with model.disable_adapter():
-                    ref_logp = scored(model)
-            else:
-                ref_logp = scored(reference) if args.beta > 0 else None
-        t2 = time.perf_counter()
-        # 3. Update: μ optimizer steps on the batch.
-        model.train()
-        stats = grpo_update(model, optimizer, input_ids, attention, P, mask, advantages, weights, old_logp,
-                            ref_logp, args.updates_per_batch, mb, args.clip_eps, args.beta, args.aggregation,
-                            args.max_grad_norm, args.temperature)
-        if device.type == "cuda":
-            torch.cuda.synchronize()
-        t3 = time.perf_counter()
-        row = {"step": step + 1, "reward_mean": rewards.mean().item(), "reward_std": rewards.std().item(),
-               "loss": float(stats["loss"]), "kl": float(stats["kl"]) if args.beta > 0 else None,
-               "clip_frac": float(stats["clip_frac"]),
-               "grad_norm": float(stats["grad_norm"]),
-               "completion_len": mask.sum(1).double().mean().item(), "truncated_frac": truncated.double().mean().item(),
-               "zero_std_frac": (rewards.view(-1, G) == rewards.view(-1, G)[:, :1]).all(1).double().mean().item(),
-               **trie_stats(completion_ids, mask, G),
-               "tokens_per_s": mask.sum().item() / (t3 - t0), "time_gen": t1 - t0, "time_score": t2 - t1,
-               "time_update": t3 - t2, "peak_mem_mb": peak_memory_mb(device)}
-        if args.eval_every and (step + 1) % args.eval_every == 0:
-            row_eval = {"step": step + 1, "eval_accuracy": evaluate(model, tokenizer, eval_rows[:args.eval_size],
-                                                                    reward_fn, args, device)}
-            tqdm.write(f"step {step + 1}: eval accuracy {row_eval['eval_accuracy']:.4f}")
-        with open(metrics_path, "a") as f:
-            f.write(json.dumps(row) + "\n")
-            if args.eval_every and (step + 1) % args.eval_every == 0:
-                f.write(json.dumps(row_eval) + "\n")
-        bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
-        if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.output_dir, step + 1, model, tokenizer, optimizer, args)
-    return model
+def char_tokenizer():
+    """A character-level tokenizer built in code (no download): <s>, </s>, <unk> are ids 0, 1, 2;
+    BOS is prepended as Llama's tokenizer does; there is no pad token."""
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(TOKENIZER_CHARS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    # Every character is its own token.
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
+                                                       special_tokens=[("<s>", 0)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
+                                   unk_token="<unk>")
 
 
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource  # CPU: the process's peak resident memory
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 7. The toy task: a depth-4 binary tree (§6, Table 1)
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-
-TOY_DEPTH = 4
-PAPER_TABLE1 = {  # (n, r_neg): (GRPO, λ-GRPO, Δ) as the paper reports them
-    (1, -0.5): (0.3995, 0.5663, 0.1668), (1, -1.0): (0.0000, 0.7535, 0.7535),
-    (1, -1.5): (0.2000, 0.4463, 0.2463), (2, -0.5): (0.1980, 0.4292, 0.2312),
-    (2, -1.0): (0.0488, 0.3612, 0.3125), (2, -1.5): (0.0000, 0.3820, 0.3820)}
-T_975 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160,
-         2.145, 2.131, 2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056,
-         2.052, 2.048, 2.045, 2.042]  # Student-t 97.5% quantiles, 1…30 degrees of freedom
-
-
-def tree_rewards(paths, target, n, r_neg):
-    """The toy's outcome reward: 1.0 for the target path T, r_neg for every other path that shares
-    T's first n tokens (a trap: T's own prefix looks bad on average), 0.7 for all the rest."""
-    hit = (paths == target).all(1)
-    trap = (paths[:, :n] == target[:n]).all(1)
-    return torch.where(hit, 1.0, torch.where(trap, r_neg, 0.7))
-
-
-class AllowTokens:
-    """Logits processor: sample only the given tokens (the toy's L and R)."""
-
-    def __init__(self, token_ids):
-        self.token_ids = token_ids
-
-    def __call__(self, input_ids, scores):
-        keep = torch.full_like(scores, -math.inf)
-        keep[:, self.token_ids] = 0
-        return scores + keep
-
-
-def toy_policy(name_or_path, seed):
-    """(model, start token, [L, R] token ids): a random-init 1-layer GPT-2 over {<s>, L, R} by
-    default, or a pretrained causal LM whose tokens "L" and "R" are the two actions."""
-    if name_or_path is None:
-        return tiny_gpt2(vocab_size=3, n_layer=1, n_embd=64, n_head=2, n_positions=8, seed=seed), 0, [1, 2]
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    actions = [tokenizer.convert_tokens_to_ids(t) for t in ("L", "R")]
-    start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return load_causal_lm(name_or_path, torch.float32, "cpu").eval(), start, actions
-
-
-def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None):
-    """One training run on the tree; returns the per-step frequency of the target path.
-
-    The toy goes through the LLM pipeline: sample_completions → group_advantages → lambda_weights
-    → grpo_update (μ = 1, β = 0, token aggregation).
-    """
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # the same arithmetic whatever the number of worker processes
-    try:
-        seed_everything(seed)
-        model, start, actions = toy_policy(toy_model, seed)
-        # The target depends on the seed only: GRPO and λ-GRPO face the same tree.
-        target = torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=torch.Generator().manual_seed(seed))]
-        optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
-        prompt = torch.tensor([[start]])
-        frequency = []
-        for _ in range(steps):
-            paths = sample_completions(model, prompt, torch.ones_like(prompt), group_size,
-                                       max_new_tokens=TOY_DEPTH, eos_token_id=None,
-                                       temperature=temperature, top_k=0, top_p=1.0,
-                                       logits_processor=[AllowTokens(actions)])
-            mask = torch.ones_like(paths)
-            rewards = tree_rewards(paths, target, n, r_neg)
-            weights = lambda_weights(paths, mask, group_size) if loss == "lambda" else None
-            grpo_update(model, optimizer, torch.cat([prompt.expand(group_size, -1), paths], 1),
-                        torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long), 1, mask,
-                        group_advantages(rewards, group_size), weights, temperature=temperature)
-            frequency.append((paths == target).all(1).double().mean().item())
-        return frequency
-    finally:
-        torch.set_num_threads(threads)
-
-
-def _toy_job(job):
-    return toy_run(**job)
-
-
-def mean_ci95(xs):
-    """Mean and half-width of a Student-t 95% confidence interval over seeds."""
-    m = sum(xs) / len(xs)
-    if len(xs) < 2:
-        return m, math.nan
-    sd = math.sqrt(sum((x - m) ** 2 for x in xs) / (len(xs) - 1))
-    t = T_975[len(xs) - 2] if len(xs) - 1 <= len(T_975) else 1.96
-    return m, t * sd / math.sqrt(len(xs))
-
-
-def toy_sweep(args):
-    """Table 1: every (n, r_neg) cell × {GRPO, λ-GRPO} × seeds, in parallel worker processes."""
-    import multiprocessing
-    from tqdm import tqdm
-    cells = [(n, r) for n in args.n for r in args.r_neg]
-    jobs = [dict(n=n, r_neg=r, loss=loss, seed=seed, steps=args.steps, group_size=args.group_size, lr=args.lr,
-                 temperature=args.temperature, toy_model=args.toy_model)
-            for n, r in cells for loss in ("grpo", "lambda") for seed in range(args.seed, args.seed + args.seeds)]
-    workers = min(args.workers or os.cpu_count(), len(jobs))
-    if workers > 1:
-        with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            curves = list(tqdm(pool.imap(_toy_job, jobs), total=len(jobs), desc="toy runs"))
-    else:
-        curves = [toy_run(**job) for job in tqdm(jobs, desc="toy runs")]
-    last = min(50, args.steps)
-    result = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "cells": []}
-    for n, r in cells:
-        cell = {"n": n, "r_neg": r}
-        for loss in ("grpo", "lambda"):
-            runs = [c for job, c in zip(jobs, curves) if (job["n"], job["r_neg"], job["loss"]) == (n, r, loss)]
-            per_seed = [sum(c[-last:]) / last for c in runs]
-            mean, ci = mean_ci95(per_seed)
-            cell[loss] = {"mean": mean, "ci95": ci, "per_seed": per_seed,
-                          "curve": [sum(step) / len(runs) for step in zip(*runs)]}
-        result["cells"].append(cell)
-    print(format_table1(result))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
-
-
-def format_table1(result):
-    """Our Table 1 beside the paper's."""
-    lines = [f"{'n':>2} {'r_neg':>6} | {'GRPO':>15} {'λ-GRPO':>15} {'Δ':>7} | paper: {'GRPO':>6} {'λ-GRPO':>6} {'Δ':>6}"]
-    for cell in result["cells"]:
-        g, l = cell["grpo"], cell["lambda"]
-        paper = PAPER_TABLE1.get((cell["n"], cell["r_neg"]))
-        paper = " ".join(f"{x:6.4f}" for x in paper) if paper else "     -      -      -"
-        lines.append(f"{cell['n']:>2} {cell['r_neg']:>6} | {g['mean']:6.4f} ± {g['ci95']:6.4f} "
-                     f"{l['mean']:6.4f} ± {l['ci95']:6.4f} {l['mean'] - g['mean']:+7.4f} |        {paper}")
-    mean = lambda key: sum(c[key]["mean"] for c in result["cells"]) / len(result["cells"])
-    wins = sum(c["lambda"]["mean"] > c["grpo"]["mean"] for c in result["cells"])
-    lines.append(f"mean over cells: GRPO {mean('grpo'):.4f}, λ-GRPO {mean('lambda'):.4f}, "
-                 f"Δ {mean('lambda') - mean('grpo'):+.4f}; λ-GRPO ahead in {wins} of {len(result['cells'])} cells")
-    # The protocol reads the last 50 steps; the mean over all steps also shows how fast T is found.
-    auc = lambda key: sum(sum(c[key]["curve"]) / len(c[key]["curve"]) for c in result["cells"]) / len(result["cells"])
-    lines.append(f"mean over cells and all {len(result['cells'][0]['grpo']['curve'])} steps: "
-                 f"GRPO {auc('grpo'):.4f}, λ-GRPO {auc('lambda'):.4f}, Δ {auc('lambda') - auc('grpo'):+.4f}")
-    return "\n".join(lines)
-
-
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 8. Benchmark (`python lgrpo.py bench`)
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-
-def python_trie_sizes(completion_ids, completion_mask):
-    """BASELINE, the slow obvious way (the library never uses it): |λ^(i,t)| for one group from a
-    dict-of-children trie. Walk each completion token by token, counting the completions that pass
-    through each node; once all are in, read each token's node count."""
-    root, paths = {}, []
-    for ids, n in zip(completion_ids.tolist(), completion_mask.sum(1).tolist()):
-        node, path = root, []
-        for token in ids[:n]:
-            child = node.get(token)
-            if child is None:
-                child = node[token] = [0, {}]  # [completions through this node, children]
-            child[0] += 1
-            path.append(child)
-            node = child[1]
-        paths.append(path)
-    T = completion_ids.shape[1]
-    return torch.tensor([[c[0] for c in path] + [0] * (T - len(path)) for path in paths], dtype=torch.long)
-
-
-def bench_group(G, T, generator, skew=1.0, vocab=32000):
-    """G random completions that overlap like real ones: completion i copies a prefix of a random
-    earlier one, u**skew of their common length (u uniform; skew < 1: longer shared prefixes), then
-    goes on with random tokens. Lengths are random in [T/4, T], right-padded; the first fills T and
-    the last repeats it (identical completions are separate members)."""
-    lengths = torch.randint(T // 4, T + 1, (G,), generator=generator)
-    lengths[0] = T
-    ids = torch.randint(1, vocab, (G, T), generator=generator)
-    for i in range(1, G):
-        j = torch.randint(i, (1,), generator=generator).item()
-        n = int(min(lengths[i], lengths[j]) * torch.rand(1, generator=generator).item() ** skew)
-        ids[i, :n] = ids[j, :n]
-    ids[-1], lengths[-1] = ids[0], lengths[0]
-    mask = (torch.arange(T) < lengths[:, None]).long()
-    return ids * mask, mask
-
-
-def _sync(device):
-    if device.type == "cuda":  # kernels run asynchronously: a timer must read finished work
-        torch.cuda.synchronize(device)
-
-
-def timed_ms(fn, device, repeats):
-    """Median wall time of fn() over `repeats` calls, in milliseconds."""
-    times = []
-    for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        fn()
-        _sync(device)
-        times.append((time.perf_counter() - t0) * 1e3)
-    return statistics.median(times)
-
-
-def device_name(device):
-    return torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU ({torch.get_num_threads()} threads)"
-
-
-def bench_process_sets(devices, shapes, repeats):
-    """ms per group of process_set_sizes and lambda_weights, and of the Python trie, on three
-    groups per shape (short, medium and long shared prefixes). Every answer is checked first."""
-    generator, rows = torch.Generator().manual_seed(0), []
-    for G, T in shapes:
-        groups = [bench_group(G, T, generator, skew) for skew in (3.0, 1.0, 0.25)]
-        trie_ms = []
-        for ids, mask in groups:  # one run per group: the trie takes seconds at G=64, T=8192
-            t0 = time.perf_counter()
-            expected = python_trie_sizes(ids, mask)
-            trie_ms.append((time.perf_counter() - t0) * 1e3)
-            for device in devices:  # a bench that compares different answers means nothing
-                got = process_set_sizes(ids.to(device), mask.to(device), G).cpu()
-                assert torch.equal(got, expected), f"process_set_sizes disagrees with the trie, G={G}, T={T}"
-        for device in devices:
-            on = [(ids.to(device), mask.to(device)) for ids, mask in groups]
-            per_group = lambda f: timed_ms(lambda: [f(ids, mask, G) for ids, mask in on], device, repeats) / len(on)
-            ours = per_group(process_set_sizes)
-            rows.append({"device": device_name(device), "G": G, "T": T, "process_set_sizes_ms": ours,
-                         "lambda_weights_ms": per_group(lambda_weights), "python_trie_cpu_ms": statistics.median(trie_ms),
-                         "trie_over_ours": statistics.median(trie_ms) / ours})
-    return rows
-
-
-def bench_train_step(args, device, workdir):
-    """GRPO against λ-GRPO through lgrpo's own `train`, same seed, same batches: a random-init model
-    (Qwen2.5-0.5B's shape in bf16 on a GPU, a tiny Llama on the CPU) with a character tokenizer.
-    EOS is suppressed, so every completion is full length. No completion can reach the answer, so
-    every reward is 0: the weights never move and both losses see the same batch at every step,
-    while a step still does all of a real step's work (a zero advantage is multiplied, not skipped)."""
-    from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
-    tokenizer, big = char_tokenizer(), device.type == "cuda" and not args.quick
-    shape = (dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24,
-                  num_attention_heads=14, num_key_value_heads=2, max_position_embeddings=32768, rope_theta=1e6)
-             if big else dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                              num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512))
-    config = (Qwen2Config if big else LlamaConfig)(**shape, tie_word_embeddings=True, bos_token_id=0, eos_token_id=1)
-    G, prompts, new_tokens = 8, 4, 16 if args.quick else 512 if big else 64
-    steps = 2 if args.quick else max(2, args.steps)  # step 1 is warm-up, never reported
-    torch.manual_seed(0)
-    with torch.device(device):  # from the config: no download
-        model = (Qwen2ForCausalLM if big else LlamaForCausalLM)(config)
-    model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
-    path, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
-    model.to(torch.bfloat16 if big else torch.float32).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    del model
-    with open(data, "w") as f:
-        f.writelines(json.dumps({"question": f"What is {i}+{i + 1}?", "answer": "#### never"}) + "\n"
-                     for i in range(prompts))
-    runs = {"grpo": [], "lambda": []}
-    # ABBA order: a later run in the same process tends to be slower; this cancels a linear drift.
-    for i, loss in enumerate(("grpo", "lambda", "lambda", "grpo")):
-        out = os.path.join(workdir, f"{loss}-{i}")
-        train(build_parser().parse_args([
-            "train", "--model", path, "--dataset", data, "--output-dir", out, "--loss", loss, "--seed", "0",
-            "--group-size", str(G), "--prompts-per-step", str(prompts), "--max-new-tokens", str(new_tokens),
-            "--steps", str(steps), "--beta", "0.04", "--no-stop-at-boxed"]))
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            runs[loss] += [json.loads(line) for line in f][1:]  # the first step warms up
-    step_s = lambda r: r["time_gen"] + r["time_score"] + r["time_update"]
-    rows = [{"loss": loss, **{k: statistics.median([r[k] for r in rs]) for k in ("time_gen", "time_score", "time_update")},
-             "step_s": statistics.median([step_s(r) for r in rs]),
-             **{k: statistics.median([r[k] for r in rs]) for k in ("tokens_per_s", "peak_mem_mb")}} for loss, rs in runs.items()]
-    ratios = [step_s(l) / step_s(g) for g, l in zip(runs["grpo"], runs["lambda"])]  # paired: the same batch
-    # λ-GRPO's own work, timed alone: the weights of one step's [P·G, T] completions.
-    generator = torch.Generator().manual_seed(1)
-    ids, mask = (torch.cat(x).to(device) for x in zip(*[bench_group(G, new_tokens, generator) for _ in range(prompts)]))
-    lambda_weights(ids, mask, G)  # warm-up
-    weights_ms = timed_ms(lambda: lambda_weights(ids, mask, G), device, 20)
-    result = {"device": device_name(device), "model": config.model_type, "group_size": G, "prompts": prompts,
-              "new_tokens": new_tokens, "measured_steps": len(ratios), "rows": rows,
-              "lambda_over_grpo": {"median": statistics.median(ratios), "min": min(ratios), "max": max(ratios)},
-              "lambda_weights_ms": weights_ms, "lambda_weights_share_of_step": weights_ms / 1e3 / rows[-1]["step_s"]}
-    return result
-
-
-def peak_rss_mb():
-    """This process's peak resident memory in MB: VmHWM on Linux, which /proc/self/clear_refs can
-    reset (ru_maxrss cannot, and a spawned child's starts at its forking parent's peak), else ru_maxrss."""
-    try:
-        with open("/proc/self/status") as f:
-            return next(int(line.split()[1]) for line in f if line.startswith("VmHWM")) / 1024
-    except (OSError, StopIteration):
-        import resource
-        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
-
-
-def logprob_peak_mb(variant, vocab, T, batch=1, prompt=16):
-    """Peak memory (MB) of one forward + backward through the sampled tokens' log-probs, above what
-    was in use before: lgrpo's `token_logprobs` or the naive full-vocabulary log_softmax, on a
-    1-layer bf16 Llama. Run it in a fresh process: on the CPU the gauge is the process's peak RSS."""
+def tiny_llama(tokenizer, seed=0, max_positions=256, **config):
+    """A randomly initialized 2-layer Llama, 32 wide, over the tokenizer's vocabulary, built from
+    a config (no download). `config` overrides LlamaConfig fields."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=1,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=prompt + T,
-                         tie_word_embeddings=True)
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config).to(device, torch.bfloat16)
-    ids = torch.randint(vocab, (batch, prompt + T), device=device)
-    attention = torch.ones_like(ids)
-    _sync(device)
-    try:  # Linux: start the peak afresh from the current resident size
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_rss_mb()
-    if variant == "token_logprobs":
-        logp = token_logprobs(model, ids, attention, prompt)
-    else:  # the same logits (`logits_to_keep`): only the log-prob step differs
-        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=T + 1).logits[:, :-1]
-        logp = torch.log_softmax(logits.float(), -1).gather(-1, ids[:, prompt:, None]).squeeze(-1)
-    logp.sum().backward()
-    _sync(device)
-    if device.type == "cuda":
-        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
-    return peak_rss_mb() - before
+    config = LlamaConfig(**{"vocab_size": len(tokenizer), "hidden_size": 32,
+                            "intermediate_size": 64, "num_hidden_layers": 2,
+                            "num_attention_heads": 4, "num_key_value_heads": 2,
+                            "max_position_embeddings": max_positions,
+                            "bos_token_id": tokenizer.bos_token_id,
+                            "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": True,
+                            **config})
+    with torch.random.fork_rng():  # leave the caller's random stream alone
+        torch.manual_seed(seed)
+        return LlamaForCausalLM(config)
 
-
-def bench_logprob_memory(args, device):
-    """token_logprobs against the naive form, each measured in a fresh spawned process."""
-    import multiprocessing
-    vocab, lengths = (4096, [128]) if args.quick else (151936, [512, 2048])
-    rows = []
-    for T in lengths:
-        row = {"device": device_name(device), "vocab": vocab, "T": T, "batch": 1}
-        for variant in ("token_logprobs", "naive"):
-            with multiprocessing.get_context("spawn").Pool(1) as pool:
-                row[f"{variant}_mb"] = pool.apply(logprob_peak_mb, (variant, vocab, T))
-        # Tiny sizes (--quick on a CPU) may not move the RSS at all.
-        row["ours_over_naive"] = row["token_logprobs_mb"] / row["naive_mb"] if row["naive_mb"] > 0 else None
-        rows.append(row)
-    return rows
-
-
-def format_table(title, rows):
-    """Rows of dicts as aligned text, one column per key; floats to 4 significant digits."""
-    show = lambda v: "-" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-    cells = [list(rows[0])] + [[show(v) for v in row.values()] for row in rows]
-    widths = [max(len(line[j]) for line in cells) for j in range(len(cells[0]))]
-    return "\n".join([title] + ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells])
-
-
-def bench(args):
-    """`python lgrpo.py bench`: the README's three benchmark tables (timings are never asserted)."""
-    import tempfile
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
-    shapes = [(8, 512)] if args.quick else [(G, T) for G in (8, 16, 64) for T in (512, 2048, 8192)]
-    # Other work on the machine skews CPU timings (threads wait for descheduled siblings): record it.
-    load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
-    result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load,
-              "process_sets": bench_process_sets(devices, shapes, 3 if args.quick else args.repeats)}
-    print(format_table(f"1. ms per group, median of {3 if args.quick else args.repeats} repeats over 3 groups "
-                       f"(Python trie: median of 3 groups, on the CPU; load average {load} on {os.cpu_count()} "
-                       "cores)", result["process_sets"]))
-    with tempfile.TemporaryDirectory() as workdir:
-        step = result["train_step"] = bench_train_step(args, device, workdir)
-    ratio = step["lambda_over_grpo"]
-    print("\n" + format_table(f"2. Training step in s, {step['model']} random init, G={step['group_size']}, "
-                              f"{step['prompts']} prompts, {step['new_tokens']} new tokens, median of "
-                              f"{step['measured_steps']} steps ({step['device']})", step["rows"]))
-    print(f"λ-GRPO / GRPO step time: {ratio['median']:.3f} (per-step range {ratio['min']:.3f}–{ratio['max']:.3f}); "
-          f"lambda_weights alone: {step['lambda_weights_ms']:.3f} ms = "
-          f"{step['lambda_weights_share_of_step']:.4%} of a λ-GRPO step")
-    result["logprob_memory"] = bench_logprob_memory(args, device)
-    print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 logits, MB",
-                              result["logprob_memory"]))
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
-    return result
-
-
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-# 9. Command line
-# ─────────────────────────────────────────────────────────────────────────────────────────────
-
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# F. Command line
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 SYSTEM_PROMPT = "Let's think step by step and output the final answer within \\boxed{}."
 
@@ -1397,104 +1395,117 @@ def build_parser():
                                 "With no command: the toy experiment of Table 1.")
     sub = p.add_subparsers(dest="command")
 
-    toy = sub.add_parser("toy", help="reproduce Table 1 on the binary-tree toy (the default command)")
-    toy.add_argument("--n", type=int, nargs="+", default=[1, 2], help="prefix lengths n (paper: 1 2)")
+    toy = sub.add_parser("toy", help="reproduce Table 1 on the binary-tree toy (the default)")
+    toy.add_argument("--n", type=int, nargs="+", default=[1, 2],
+                     help="prefix lengths n (paper: 1 2)")
     toy.add_argument("--r-neg", type=float, nargs="+", default=[-0.5, -1.0, -1.5],
-                     help="rewards of the paths that share T's first n tokens (paper: -0.5 -1.0 -1.5)")
+                     help="rewards of the paths that share T's first n tokens "
+                          "(paper: -0.5 -1.0 -1.5)")
     toy.add_argument("--seeds", type=int, default=5, help="seeds per configuration (paper: 5)")
     toy.add_argument("--seed", type=int, default=0, help="first seed")
     toy.add_argument("--steps", type=int, default=250, help="training steps per run (paper: 250)")
-    toy.add_argument("--group-size", type=int, default=16, help="completions per group (paper: 16)")
+    toy.add_argument("--group-size", type=int, default=16,
+                     help="completions per group (paper: 16)")
     toy.add_argument("--lr", type=float, default=3e-4,
-                     help="AdamW learning rate (the paper gives none; 3e-4 is the largest rate at which every "
-                          "seed converges within 250 steps: see the README's study)")
+                     help="AdamW learning rate (the paper gives none; 3e-4 is the largest rate at "
+                          "which every seed converges within 250 steps: see the README's study)")
     toy.add_argument("--temperature", type=float, default=1.0,
-                     help="sampling temperature (the paper does not give one; see the README's study)")
+                     help="sampling temperature (the paper gives none; see the README's study)")
     toy.add_argument("--toy-model", default=None,
-                     help="pretrained causal LM (hub id or path; the paper: gpt2) instead of the random-init "
-                          "1-layer GPT-2; all tokens but 'L' and 'R' are masked when sampling")
+                     help="pretrained causal LM (hub id or path; the paper: gpt2) instead of the "
+                          "random-init 1-layer GPT-2; all tokens but 'L' and 'R' are masked")
     toy.add_argument("--workers", type=int, default=0, help="parallel processes (0: all cores)")
-    toy.add_argument("--json", default=None, help="write config, per-cell results and curves to this file")
+    toy.add_argument("--json", default=None,
+                     help="write config, per-cell results and curves to this file")
 
     sub.add_parser("verify", help="check Theorem 1 and the worked example numerically")
 
     tr = sub.add_parser("train", help="GRPO / λ-GRPO on a causal LM and a math dataset")
     tr.add_argument("--model", required=True, help="hub id or local path (AutoModelForCausalLM)")
-    tr.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+    tr.add_argument("--dtype", default="auto",
+                    choices=["auto", "float32", "bfloat16", "float16"],
                     help="auto: bfloat16 on a GPU, float32 on a CPU")
-    tr.add_argument("--trust-remote-code", action="store_true", help="run the model repository's own code")
+    tr.add_argument("--trust-remote-code", action="store_true",
+                    help="run the model repository's own code (off: only on request)")
     tr.add_argument("--dataset", required=True,
-                    help="hub name (openai/gsm8k, knoveleng/open-rs) or a .jsonl/.json/.csv/.parquet file")
+                    help="hub name (openai/gsm8k, knoveleng/open-rs) or a "
+                         ".jsonl/.json/.csv/.parquet file")
     tr.add_argument("--dataset-config", default=None, help="hub dataset config (gsm8k: main)")
     tr.add_argument("--train-split", default="train", help="split to train on")
     tr.add_argument("--eval-split", default=None, help="held-out split for --eval-every")
     tr.add_argument("--eval-fraction", type=float, default=0.0,
                     help="hold out this share of the train split instead of --eval-split")
-    tr.add_argument("--prompt-field", default=None, help="question column (auto: question, problem, prompt)")
+    tr.add_argument("--prompt-field", default=None,
+                    help="question column (auto: question, problem, prompt)")
     tr.add_argument("--answer-field", default=None, help="answer column (auto: answer, solution)")
     tr.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system prompt (the authors')")
     tr.add_argument("--reward", default=None,
-                    help="module:function, f(completion_text, reference) -> float (default: exact match "
-                         "of the final answer)")
-    tr.add_argument("--loss", default="lambda", choices=["lambda", "grpo"], help="λ-GRPO or GRPO")
+                    help="module:function, f(completion_text, reference) -> float (default: "
+                         "the math answer checker, math_reward)")
+    tr.add_argument("--loss", default="lambda", choices=["lambda", "grpo"],
+                    help="λ-GRPO or GRPO")
     tr.add_argument("--aggregation", default="token", choices=["token", "sequence"],
-                    help="token: sum over all tokens / their number (the paper's); sequence: mean of means")
+                    help="token: sum over all tokens / their number (the paper's); "
+                         "sequence: mean of means")
     tr.add_argument("--group-size", type=int, default=6, help="completions per prompt (paper: 6)")
     tr.add_argument("--prompts-per-step", type=int, default=4, help="prompts per step (paper: 4)")
     tr.add_argument("--steps", type=int, default=1000, help="training steps")
-    tr.add_argument("--temperature", type=float, default=0.75, help="sampling temperature (paper: 0.75)")
+    tr.add_argument("--temperature", type=float, default=0.75,
+                    help="sampling temperature (paper: 0.75)")
     tr.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling (paper: 1.0)")
     tr.add_argument("--top-k", type=int, default=0, help="top-k sampling, 0 = off (paper: 0)")
-    tr.add_argument("--max-new-tokens", type=int, default=1200, help="completion length limit (paper: 1200)")
+    tr.add_argument("--max-new-tokens", type=int, default=1200,
+                    help="completion length limit (paper: 1200)")
     tr.add_argument("--generation-batch-size", type=int, default=None,
-                    help="rows per generate call (default: the whole step's prompts × group size)")
+                    help="rows per generate call (default: the step's prompts × group size)")
     tr.add_argument("--stop-at-boxed", action=argparse.BooleanOptionalAction, default=True,
                     help="stop a completion once its \\boxed{...} closes (the authors' setting)")
     tr.add_argument("--updates-per-batch", type=int, default=1,
-                    help="μ, optimizer steps per batch; > 1 brings in old log-probs and clipping (paper: 1)")
-    tr.add_argument("--clip-eps", type=float, default=0.2, help="ε of the clipped ratio (paper: 0.2)")
+                    help="μ, optimizer steps per batch; > 1 brings in old log-probs and clipping "
+                         "(paper: 1)")
+    tr.add_argument("--clip-eps", type=float, default=0.2,
+                    help="ε of the clipped ratio (paper: 0.2)")
     tr.add_argument("--beta", type=float, default=0.0, help="KL coefficient β (paper: 0 or 0.04)")
-    tr.add_argument("--adv-eps", type=float, default=1e-4, help="ε added to the group std (paper: 1e-4)")
-    tr.add_argument("--micro-batch-size", type=int, default=4, help="rows per forward/backward pass")
+    tr.add_argument("--adv-eps", type=float, default=1e-4,
+                    help="ε added to the group std (paper: 1e-4)")
+    tr.add_argument("--micro-batch-size", type=int, default=4,
+                    help="rows per forward/backward pass")
     tr.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping")
     tr.add_argument("--lr", type=float, default=1e-6, help="AdamW learning rate (paper: 1e-6)")
     tr.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay")
-    tr.add_argument("--gradient-checkpointing", action="store_true", help="trade compute for activation memory")
-    tr.add_argument("--lora-r", type=int, default=0, help="LoRA rank, 0 = full fine-tuning (paper: 64; needs peft)")
+    tr.add_argument("--gradient-checkpointing", action="store_true",
+                    help="trade compute for activation memory")
+    tr.add_argument("--lora-r", type=int, default=0,
+                    help="LoRA rank, 0 = full fine-tuning (paper: 64; needs peft)")
     tr.add_argument("--lora-alpha", type=int, default=128, help="LoRA alpha (paper: 128)")
     tr.add_argument("--seed", type=int, default=0, help="random seed")
-    tr.add_argument("--output-dir", default="runs/lgrpo", help="metrics.jsonl and checkpoint-N folders")
-    tr.add_argument("--save-every", type=int, default=0, help="checkpoint every N steps (0: never)")
-    tr.add_argument("--resume", action="store_true", help="continue from the latest checkpoint in --output-dir")
-    tr.add_argument("--eval-every", type=int, default=0, help="greedy eval accuracy every N steps (0: never)")
+    tr.add_argument("--output-dir", default="runs/lgrpo",
+                    help="metrics.jsonl and checkpoint-N folders")
+    tr.add_argument("--save-every", type=int, default=0,
+                    help="checkpoint every N steps (0: never)")
+    tr.add_argument("--resume", action="store_true",
+                    help="continue from the latest checkpoint in --output-dir")
+    tr.add_argument("--eval-every", type=int, default=0,
+                    help="greedy eval accuracy every N steps (0: never)")
     tr.add_argument("--eval-size", type=int, default=100, help="held-out problems per eval")
-
-    bn = sub.add_parser("bench", help="time process sets, a training step and log-prob memory (README's benchmark)")
-    bn.add_argument("--quick", action="store_true",
-                    help="smallest configuration only (G=8, T=512; 2 steps, 16 new tokens; vocab 4096, T=128): "
-                         "the test suite's smoke test, under a minute on 2 CPU cores")
-    bn.add_argument("--steps", type=int, default=20,
-                    help="training steps per loss; the first is warm-up and is not reported (--quick: 2)")
-    bn.add_argument("--repeats", type=int, default=5,
-                    help="timed calls of process_set_sizes / lambda_weights per shape, median reported "
-                         "(the Python trie runs once per input, median of 3)")
-    bn.add_argument("--json", default=None, help="also write the three tables to this file")
     return p
 
 
 def main(argv=None):
-    argv = sys.argv[1:] if argv is None else list(argv)
+    argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["toy"] + argv
     args = build_parser().parse_args(argv)
-    if args.command == "verify":
-        sys.exit(1 if verify() else 0)
-    if args.command == "toy":
-        toy_sweep(args)
-    elif args.command == "train":
-        train(args)
-    elif args.command == "bench":
-        bench(args)
+    try:
+        if args.command == "verify":
+            sys.exit(1 if verify() else 0)
+        if args.command == "toy":
+            toy_sweep(args)
+        elif args.command == "train":
+            train(args)
+    except InputError as error:  # a mistake we anticipated: one line, no traceback
+        print(f"lgrpo: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":

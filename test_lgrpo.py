@@ -1,18 +1,18 @@
-"""Tests for lgrpo.py (λ-GRPO, Sullivan & Koller, arXiv:2509.21154).
+"""Tests for lgrpo.py (λ-GRPO, Sullivan & Koller, arXiv:2509.21154), grouped like its sections.
 
-The tests are written from the spec and the paper's definitions and numbers,
-independently of the implementation.
+The tests are written from the paper's definitions and numbers, independently of the
+implementation: exact values of the worked example, brute-force oracles written the slow obvious
+way, float64 gradient comparisons, and end-to-end runs of the command line on tiny models.
 """
 
-# =====================================================================================
-# --- core (issue 2) ---
-# =====================================================================================
+import itertools
+import json
 import math
+import os
 import random
 import re
 import subprocess
 import sys
-import warnings
 from pathlib import Path
 
 import pytest
@@ -20,19 +20,33 @@ import torch
 
 import lgrpo
 
-# The CLI test carries a `cli` marker; keep pytest quiet if no config registers it.
-warnings.filterwarnings("ignore", category=pytest.PytestUnknownMarkWarning)
+
+# ================================================================================================
+# Shared fixtures and helpers: the paper's worked example, brute-force oracles, tiny models
+# ================================================================================================
 
 REPO_DIR = Path(__file__).resolve().parent
 
-# ---- the paper's worked example (§4, Figure 1) --------------------------------------
+
 WE_COMPLETIONS = ["ABCD", "ABEFHI", "JKLM", "JKLNQST", "JKLNQU", "VWYZ"]
+
+
 WE_REWARDS = [0.5, 0.5, 1.0, 0.0, 0.0, 0.5]
+
+
 WE_LETTERS = "ABCDEFHIJKLMNQSTUVWYZ"
+
+
 WE_ID = {c: i for i, c in enumerate(WE_LETTERS)}
+
+
 # exact values (sample std, eps = 0)
 WE_MEAN = 5.0 / 12.0
+
+
 WE_STD = math.sqrt(102.0 / 144.0 / 5.0)  # deviations 1,1,7,-5,-5,1 (/12) -> sum sq = 102/144
+
+
 # the table: step tokens -> (0-based members, |λ|, R̂, A rounded to 4 decimals)
 WE_STEPS = {
     "AB": ([0, 1], 2, 0.5, +0.2214),
@@ -45,6 +59,8 @@ WE_STEPS = {
     "U": ([4], 1, 0.0, -1.1070),
     "VWYZ": ([5], 1, 0.5, +0.2214),
 }
+
+
 # per token |λ| straight from the table
 WE_SIZES = [
     [2, 2, 1, 1],
@@ -54,6 +70,8 @@ WE_SIZES = [
     [3, 3, 3, 2, 2, 1],
     [1, 1, 1, 1],
 ]
+
+
 # per token: which step of the table the token lies in
 WE_TOKEN_STEPS = [
     ["AB", "AB", "CD", "CD"],
@@ -91,7 +109,6 @@ def we_batch(pad_fill=0):
     return comps, ids, mask, torch.tensor(WE_REWARDS, dtype=torch.float64)
 
 
-# ---- brute-force oracles, written straight from the definitions --------------------
 def oracle_sizes(comps, group_size, T):
     """|λ^(i,t)| = #{k in i's group : len(y_k) >= t+1 and y_k[:t+1] == y_i[:t+1]}."""
     B = len(comps)
@@ -197,7 +214,6 @@ def oracle_policy_loss(logp, old, ref, adv, mask, weights=None, clip_eps=0.2, be
     return sum(rows) / B
 
 
-# ---- random batches with lots of overlap --------------------------------------------
 def random_group(rng, G, max_len, vocab):
     comps = []
     for _ in range(G):
@@ -256,7 +272,6 @@ def random_batch(rng, need_nonempty=False):
     return comps, rewards, G, ids, mask
 
 
-# ---- trie helpers -------------------------------------------------------------------
 def trie_nodes(root):
     """All nodes below the root (the root is the prompt, not a step), depth first."""
     out, stack = [], list(root.children)
@@ -311,7 +326,6 @@ def check_trie_structure(root, comps, rewards):
     return size_at, adv_at
 
 
-# ---- tiny models --------------------------------------------------------------------
 def tiny_gpt2(seed, vocab=11):
     import transformers
 
@@ -333,9 +347,120 @@ def close(a, b, tol):
                           torch.as_tensor(b, dtype=torch.float64), rtol=0, atol=tol)
 
 
-# =====================================================================================
-# 1. The paper's worked example (Figure 1, §4), exactly
-# =====================================================================================
+
+
+@pytest.fixture(scope="session")
+def tiny_llama(tmp_path_factory):
+    """lgrpo's tiny Llama plus the char tokenizer, saved like a hub checkpoint. Its config asks for
+    attention dropout, which loading must switch off."""
+    path = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = lgrpo.char_tokenizer()
+    lgrpo.tiny_llama(tokenizer, attention_dropout=0.1).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    assert tokenizer.pad_token is None
+    return path
+
+
+@pytest.fixture(scope="session")
+def arithmetic_jsonl(tmp_path_factory):
+    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
+    with open(path, "w") as f:
+        for i in range(40):
+            a, b = i % 7 + 1, i % 5 + 2
+            f.write(json.dumps({"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n")
+    return path
+
+
+@pytest.fixture(scope="session")
+def seven_reward(tmp_path_factory):
+    """A learnable reward plugged in through --reward: 1 for completions that begin with "7"."""
+    path = tmp_path_factory.mktemp("reward")
+    (path / "starts_with_seven.py").write_text(
+        "def reward(completion, reference):\n    return float(completion.startswith('7'))\n\n\n"
+        "def digits(completion, reference):\n    return sum(c.isdigit() for c in completion) / 4\n")
+    return {"PYTHONPATH": str(path)}
+
+
+def run_cli(*args, env=None, timeout=600):
+    """Run `python lgrpo.py ARGS` from the repo; fail with its output if it exits non-zero."""
+    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, args)], cwd=REPO_DIR, capture_output=True,
+                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc
+
+
+def train_args(model, data, out, *extra):
+    return ["train", "--model", model, "--dataset", data, "--output-dir", out, "--max-new-tokens", 12,
+            "--group-size", 4, "--prompts-per-step", 2, "--micro-batch-size", 3, *extra]
+
+
+def without_timings(rows):
+    return [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
+
+
+def read_metrics(out):
+    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+
+
+TIMING_KEYS = {"tokens_per_s", "time_gen", "time_score", "time_update", "peak_mem_mb"}
+
+
+METRIC_KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "completion_len", "truncated_frac",
+               "zero_std_frac", "path_depth", "intermediate_prop", "flat_frac"} | TIMING_KEYS
+
+
+def _build_lm_batch(prompts, completions, pad_id=0):
+    """Left-pad prompts to a common width P, right-pad completions; returns ids, attn, P, cmask."""
+    P = max(len(p) for p in prompts)
+    T = max(len(c) for c in completions)
+    B = len(prompts)
+    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
+    attn = torch.zeros(B, P + T, dtype=torch.long)
+    cmask = torch.zeros(B, T, dtype=torch.long)
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        ids[i, P - len(p):P] = torch.tensor(p)
+        attn[i, P - len(p):P] = 1
+        if c:
+            ids[i, P:P + len(c)] = torch.tensor(c)
+            attn[i, P:P + len(c)] = 1
+            cmask[i, :len(c)] = 1
+    return ids, attn, P, cmask
+
+# ================================================================================================
+# 1. GRPO: rollouts, outcome advantages, token log-probs, the loss of eq. (2)
+# ================================================================================================
+
+def test_eos_stays_in_the_mask_when_pad_equals_eos():
+    eos = 1
+    ids = torch.tensor([[5, 6, eos, eos, eos],   # ended: EOS then padding that is also EOS
+                        [5, eos, eos, eos, eos],
+                        [5, 6, 7, 8, 9]])        # never ended: truncated
+    mask, truncated = lgrpo.completion_mask(ids, {eos})
+    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
+    assert truncated.tolist() == [False, False, True]
+
+
+def test_sampled_completions_keep_their_eos_with_a_pad_less_tokenizer(tiny_llama):
+    # Real generate() with pad = eos: every row that ended keeps exactly one EOS in its mask.
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
+    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
+    enc = tokenizer(["What is 1+2?", "Hi"], return_tensors="pt", padding=True)
+    torch.manual_seed(0)
+    def eos_often(input_ids, scores):  # a bonus on the EOS logit: many rows end early
+        return scores + 3.0 * (torch.arange(scores.shape[1]) == 1)
+
+    ids = lgrpo.sample_completions(model, enc["input_ids"], enc["attention_mask"], 4, batch_size=3,
+                                   pad_token_id=1, eos_token_id=1, max_new_tokens=20,
+                                   logits_processor=[eos_often])
+    mask, truncated = lgrpo.completion_mask(ids, {1})
+    ended = ~truncated
+    assert ended.any()
+    assert ((ids == 1) & mask.bool()).sum(1)[ended].eq(1).all()        # the EOS itself is kept
+    assert ids[ended].gather(1, mask[ended].sum(1, keepdim=True) - 1).eq(1).all()  # ...as the last token
+
+
 def test_worked_example_outcome_advantages():
     # a = [+0.2214, +0.2214, +1.5498, −1.1070, −1.1070, +0.2214] with the sample std (eps=0),
     # and the default eps=1e-4 is added to the std.
@@ -348,293 +473,6 @@ def test_worked_example_outcome_advantages():
     assert close(a_def, [(x - WE_MEAN) / (WE_STD + 1e-4) for x in WE_REWARDS], 1e-6)
 
 
-def test_worked_example_process_set_sizes_and_weights():
-    # |λ| per token equals the table (pad id 0 is the real token "A": mask alone decides).
-    comps, ids, mask, _ = we_batch(pad_fill=WE_ID["A"])
-    sizes = lgrpo.process_set_sizes(ids, mask, 6)
-    assert sizes.dtype == torch.long and sizes.shape == ids.shape
-    expected = torch.zeros_like(ids)
-    for i, row in enumerate(WE_SIZES):
-        expected[i, : len(row)] = torch.tensor(row)
-    assert torch.equal(sizes, expected)
-    w = lgrpo.lambda_weights(ids, mask, 6)
-    assert w.is_floating_point()
-    exp_w = torch.where(expected > 0, 1.0 / expected.clamp(min=1).double(), torch.zeros(()))
-    assert close(w, exp_w, 1e-7)
-
-
-def test_worked_example_step_advantages_match_table():
-    # A_{i,t} on every token equals the table's A of the step containing it; 0 on padding.
-    comps, ids, mask, r = we_batch(pad_fill=WE_ID["J"])
-    A = lgrpo.step_advantages(ids, mask, r, 6, eps=0.0)
-    assert A.shape == ids.shape
-    for i, steps in enumerate(WE_TOKEN_STEPS):
-        for t, step in enumerate(steps):
-            assert float(A[i, t]) == pytest.approx(WE_STEPS[step][3], abs=5e-5), (i, t, step)
-        assert torch.all(A[i, len(steps):] == 0)
-    # default eps: exact formula (R̂ − mean) / (std + 1e-4)
-    A_def = lgrpo.step_advantages(ids, mask, r, 6)
-    for i, steps in enumerate(WE_TOKEN_STEPS):
-        for t, step in enumerate(steps):
-            exp = (WE_STEPS[step][2] - WE_MEAN) / (WE_STD + 1e-4)
-            assert float(A_def[i, t]) == pytest.approx(exp, abs=1e-6)
-
-
-def test_worked_example_JKL_push_grpo_vs_lambda_grpo():
-    # On each J K L token: GRPO's summed push Σ_members a_k = 3·(−0.2214) = −0.6642;
-    # λ-GRPO's (each term weighted by 1/|λ|) is −0.2214, although J K L M is the best completion.
-    comps, ids, mask, r = we_batch()
-    a = lgrpo.group_advantages(r, 6, eps=0.0).double()
-    A = lgrpo.step_advantages(ids, mask, r, 6, eps=0.0).double()
-    w = lgrpo.lambda_weights(ids, mask, 6).double()
-    members = [2, 3, 4]
-    for t in range(3):  # J, K, L
-        grpo_outcome = sum(float(a[k]) for k in members)
-        grpo_step = sum(float(A[k, t]) for k in members)
-        lam_outcome = sum(float(w[k, t] * a[k]) for k in members)
-        lam_step = sum(float(w[k, t] * A[k, t]) for k in members)
-        assert grpo_outcome == pytest.approx(-0.6642, abs=1e-4)
-        assert grpo_step == pytest.approx(-0.6642, abs=1e-4)
-        assert lam_outcome == pytest.approx(-0.2214, abs=5e-5)
-        assert lam_step == pytest.approx(-0.2214, abs=5e-5)
-
-
-def test_worked_example_build_trie_has_the_nine_steps_and_tree_shape():
-    # build_trie on letter tokens gives exactly the table's 9 steps (members, |λ|, R̂, A)
-    # and the tree: J K L -> {M, N Q}; N Q -> {S T, U}; A B -> {C D, E F H I}.
-    comps = [list(s) for s in WE_COMPLETIONS]
-    root = lgrpo.build_trie(comps, WE_REWARDS)
-    nodes = trie_nodes(root)
-    by_key = {"".join(n.tokens): n for n in nodes}
-    assert len(nodes) == 9
-    assert set(by_key) == set(WE_STEPS)
-    spans = {"AB": (0, 2), "CD": (2, 4), "EFHI": (2, 6), "JKL": (0, 3), "M": (3, 4),
-             "NQ": (3, 5), "ST": (5, 7), "U": (5, 6), "VWYZ": (0, 4)}
-    for key, (members, size, r_hat, adv) in WE_STEPS.items():
-        n = by_key[key]
-        assert list(n.members) == members, key
-        assert n.size == size, key
-        assert float(n.reward) == pytest.approx(r_hat, abs=1e-9), key
-        exp_adv = (r_hat - WE_MEAN) / (WE_STD + 1e-4)  # default eps
-        assert float(n.advantage) == pytest.approx(exp_adv, abs=1e-6), key
-        assert float(n.advantage) == pytest.approx(adv, abs=1e-3), key
-        assert (n.start, n.end) == spans[key], key
-
-    def kids(node):
-        return sorted("".join(k.tokens) for k in node.children)
-
-    assert kids(root) == ["AB", "JKL", "VWYZ"]
-    assert kids(by_key["AB"]) == ["CD", "EFHI"]
-    assert kids(by_key["JKL"]) == ["M", "NQ"]
-    assert kids(by_key["NQ"]) == ["ST", "U"]
-    for leaf in ["CD", "EFHI", "M", "ST", "U", "VWYZ"]:
-        assert kids(by_key[leaf]) == []
-    check_trie_structure(root, comps, WE_REWARDS)
-
-
-def test_worked_example_format_trie_shows_each_step_and_size():
-    # format_trie: one line per node; each step's tokens and |λ| appear on a line.
-    root = lgrpo.build_trie([list(s) for s in WE_COMPLETIONS], WE_REWARDS)
-    text = lgrpo.format_trie(root)
-    assert isinstance(text, str)
-    lines = [ln for ln in text.splitlines() if ln.strip()]
-    assert len(lines) in (9, 10)  # the 9 steps (+ a root line)
-    for key, (_, size, _, _) in WE_STEPS.items():
-        tok_re = r"[\s,'\"\[\]]*".join(re.escape(ch) for ch in key)
-        size_re = r"(?<![\d.])%d(?![\d.])" % size
-        assert any(re.search(tok_re, ln) and re.search(size_re, ln) for ln in lines), key
-
-
-def test_worked_example_trie_stats_by_hand():
-    # Hand computation for the worked example (one group of 6):
-    #   path depth (steps root->end):  1: AB,CD = 2   2: AB,EFHI = 2   3: JKL,M = 2
-    #                                  4: JKL,NQ,ST = 3   5: JKL,NQ,U = 3   6: VWYZ = 1
-    #   -> mean 13/6
-    #   intermediate proportion (tokens with |λ|>1 / length):
-    #     1: AB -> 2/4   2: AB -> 2/6   3: JKL -> 3/4   4: JKLNQ -> 5/7   5: JKLNQ -> 5/6   6: 0/4
-    #   flat_frac: the group has shared steps -> 0
-    comps, ids, mask, _ = we_batch()
-    st = lgrpo.trie_stats(ids, mask, 6)
-    props = [2 / 4, 2 / 6, 3 / 4, 5 / 7, 5 / 6, 0.0]
-    assert st["path_depth"] == pytest.approx(13 / 6, abs=1e-6)
-    assert st["intermediate_prop"] == pytest.approx(sum(props) / 6, abs=1e-6)
-    assert st["flat_frac"] == pytest.approx(0.0, abs=1e-12)
-
-    # Add a second, flat group (distinct first tokens) with one empty completion whose padding
-    # uses a real token id. Its empty completion is excluded: depth mean 1 over the 5 others,
-    # intermediate 0, flat. Then average over the 2 groups.
-    X = len(WE_LETTERS)
-    flat = [[X], [X + 1, X + 1], [X + 2, X + 2, X + 2], [], [X + 3], [X + 4, X]]
-    ids2, mask2 = pad_batch(comps + flat, pad_fill=X)
-    st2 = lgrpo.trie_stats(ids2, mask2, 6)
-    assert st2["path_depth"] == pytest.approx((13 / 6 + 1.0) / 2, abs=1e-6)
-    assert st2["intermediate_prop"] == pytest.approx((sum(props) / 6 + 0.0) / 2, abs=1e-6)
-    assert st2["flat_frac"] == pytest.approx(0.5, abs=1e-12)
-
-
-# =====================================================================================
-# 2. Brute-force oracles vs the vectorized functions on hundreds of random batches
-# =====================================================================================
-def test_process_set_sizes_weights_step_advantages_match_bruteforce_oracle():
-    # Property: the vectorized |λ|, 1/|λ| and step advantages equal the definitions computed by
-    # explicit prefix comparisons, incl. duplicates, prefixes, empty/1-token completions, and
-    # padding filled with real token ids (padding must be read from the mask only).
-    rng = random.Random(1234)
-    n_checked_dupes = n_checked_empty = n_checked_prefix = 0
-    for _ in range(300):
-        comps, rewards, G, ids, mask = random_batch(rng)
-        T = ids.shape[1]
-        r = torch.tensor(rewards, dtype=torch.float64)
-        exp_sizes = oracle_sizes(comps, G, T)
-        sizes = lgrpo.process_set_sizes(ids, mask, G)
-        assert sizes.dtype == torch.long
-        assert sizes.tolist() == exp_sizes, (comps, G)
-        w = lgrpo.lambda_weights(ids, mask, G)
-        exp_w = [[(1.0 / s if s else 0.0) for s in row] for row in exp_sizes]
-        assert close(w, exp_w, 1e-6), (comps, G)
-        A = lgrpo.step_advantages(ids, mask, r, G)
-        exp_A = oracle_step_adv(comps, rewards, G, T)
-        assert close(A, exp_A, 1e-5), (comps, rewards, G)
-        assert torch.all(A[mask == 0] == 0)
-        # coverage of the tricky cases
-        n_checked_empty += sum(1 for c in comps if len(c) == 0)
-        n_checked_dupes += sum(1 for i, c in enumerate(comps) if c and c in comps[:i])
-        n_checked_prefix += sum(
-            1 for c in comps for d in comps if 0 < len(c) < len(d) and d[: len(c)] == c)
-    assert n_checked_empty > 20 and n_checked_dupes > 20 and n_checked_prefix > 20
-
-
-def test_step_advantages_equal_mean_of_outcome_advantages_over_members():
-    # Property (§2): A_{i,t} = mean of a_k over λ^(i,t), with a from group_advantages.
-    rng = random.Random(99)
-    for _ in range(100):
-        comps, rewards, G, ids, mask = random_batch(rng)
-        r = torch.tensor(rewards, dtype=torch.float64)
-        a = lgrpo.group_advantages(r, G).double()
-        A = lgrpo.step_advantages(ids, mask, r, G).double()
-        for i, c in enumerate(comps):
-            g = i // G
-            for t in range(len(c)):
-                mem = [k for k in range(g * G, g * G + G)
-                       if len(comps[k]) > t and comps[k][: t + 1] == c[: t + 1]]
-                assert float(A[i, t]) == pytest.approx(
-                    sum(float(a[k]) for k in mem) / len(mem), abs=1e-6)
-
-
-def test_no_shared_first_token_gives_trivial_prm():
-    # If no two completions share a first token, |λ| = 1 everywhere and A_{i,t} = a_i (plain ORM).
-    comps = [[0, 1, 1], [1, 0], [2], [3, 3, 3, 3]]
-    ids, mask = pad_batch(comps, pad_fill=0)
-    r = torch.tensor([1.0, 0.0, 0.3, 0.9], dtype=torch.float64)
-    assert torch.equal(lgrpo.process_set_sizes(ids, mask, 4), mask.long())
-    a = lgrpo.group_advantages(r, 4).double()
-    A = lgrpo.step_advantages(ids, mask, r, 4).double()
-    assert close(A, a[:, None] * mask, 1e-6)
-
-
-# =====================================================================================
-# 3. build_trie agrees with the vectorized functions; trie_stats vs oracles
-# =====================================================================================
-def test_build_trie_agrees_with_vectorized_functions_on_random_groups():
-    # Property: the (|λ|, A) of the node containing each token equal process_set_sizes and
-    # step_advantages; members share the node's span; children start where the parent ends;
-    # nodes are maximal; every token lies in exactly one node. Tokens both ints and strings.
-    rng = random.Random(77)
-    for it in range(150):
-        comps, rewards, G, ids, mask = random_batch(rng)
-        r = torch.tensor(rewards, dtype=torch.float64)
-        sizes = lgrpo.process_set_sizes(ids, mask, G)
-        A = lgrpo.step_advantages(ids, mask, r, G).double()
-        for g in range(len(comps) // G):
-            grp = comps[g * G:(g + 1) * G]
-            rg = rewards[g * G:(g + 1) * G]
-            if it % 2:
-                grp = [["tok%d" % x for x in c] for c in grp]  # string tokens
-                rg = torch.tensor(rg, dtype=torch.float64)
-            root = lgrpo.build_trie(grp, rg)
-            size_at, adv_at = check_trie_structure(root, grp, rg)
-            for j, c in enumerate(grp):
-                for t in range(len(c)):
-                    assert size_at[j][t] == int(sizes[g * G + j, t])
-                    assert adv_at[j][t] == pytest.approx(float(A[g * G + j, t]), abs=1e-5)
-
-
-def test_build_trie_when_whole_group_shares_the_first_step():
-    # The root is the prompt, never a step: when every completion starts with the same tokens,
-    # that shared run is ONE child step holding all members (|λ| = G), not part of the root.
-    comps = [[7, 8, 1], [7, 8, 2], [7, 8]]
-    root = lgrpo.build_trie(comps, [1.0, 0.0, 0.5])
-    assert len(root.children) == 1
-    first = root.children[0]
-    assert list(first.tokens) == [7, 8] and (first.start, first.end) == (0, 2)
-    assert list(first.members) == [0, 1, 2] and first.size == 3
-    assert sorted(tuple(k.tokens) for k in first.children) == [(1,), (2,)]
-    check_trie_structure(root, comps, [1.0, 0.0, 0.5])
-
-
-def test_build_trie_python_float_rewards_keep_double_precision():
-    # Python floats are doubles: R̂ and the step advantage of each node must equal the float64
-    # computation (no silent rounding of the rewards to float32 on the way in).
-    comps = [[1, 2, 3], [1, 2, 4], [1, 5], [6]]
-    rewards = [0.3, 0.9, 0.1, 0.7]
-    mean = sum(rewards) / 4
-    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 3)
-    root = lgrpo.build_trie(comps, rewards)
-    for n in trie_nodes(root):
-        r_hat = sum(rewards[m] for m in n.members) / n.size
-        assert float(n.reward) == pytest.approx(r_hat, abs=1e-12, rel=0)
-        assert float(n.advantage) == pytest.approx((r_hat - mean) / (std + 1e-4), abs=1e-12, rel=0)
-
-
-def test_trie_stats_match_bruteforce_oracle_on_random_batches():
-    # Property: trie_stats equals the brute-force definition: depth = 1 + number of |λ| changes
-    # along the completion (process sets only shrink); share of tokens with |λ|>1; flat groups.
-    rng = random.Random(2024)
-    saw_flat = saw_nonflat = False
-    for _ in range(120):
-        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
-        st = lgrpo.trie_stats(ids, mask, G)
-        exp = oracle_trie_stats(comps, G)
-        for key in ("path_depth", "intermediate_prop", "flat_frac"):
-            assert isinstance(st[key], float)
-            assert st[key] == pytest.approx(exp[key], abs=1e-6), (key, comps, G)
-        saw_flat |= exp["flat_frac"] > 0
-        saw_nonflat |= exp["flat_frac"] < 1
-    assert saw_flat and saw_nonflat
-
-
-def test_trie_stats_match_stats_read_off_build_trie():
-    # Property: trie_stats equals the statistics read off the explicit trie: path depth =
-    # number of nodes whose members include the completion; intermediate proportion = tokens in
-    # nodes with size > 1 over the length; flat = every node has size 1.
-    rng = random.Random(2025)
-    for _ in range(120):
-        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
-        st = lgrpo.trie_stats(ids, mask, G)
-        depths, props, flats = [], [], []
-        for g in range(len(comps) // G):
-            grp = comps[g * G:(g + 1) * G]
-            root = lgrpo.build_trie(grp, [0.0] * G)
-            nodes = trie_nodes(root)
-            d, p = [], []
-            for j, c in enumerate(grp):
-                if not c:
-                    continue
-                mine = [n for n in nodes if j in n.members]
-                d.append(len(mine))
-                p.append(sum(n.end - n.start for n in mine if n.size > 1) / len(c))
-            depths.append(sum(d) / len(d))
-            props.append(sum(p) / len(p))
-            flats.append(float(all(n.size == 1 for n in nodes)))
-        n_g = len(depths)
-        assert st["path_depth"] == pytest.approx(sum(depths) / n_g, abs=1e-6)
-        assert st["intermediate_prop"] == pytest.approx(sum(props) / n_g, abs=1e-6)
-        assert st["flat_frac"] == pytest.approx(sum(flats) / n_g, abs=1e-6)
-
-
-# =====================================================================================
-# 4. group_advantages
-# =====================================================================================
 def test_group_advantages_known_values_two_groups():
     # Hand values: group 1 = [1,2,3,4]: mean 2.5, sample std sqrt(5/3); group 2 = [0,0,1,5]:
     # mean 1.5, sample std sqrt((1.5²+1.5²+0.5²+3.5²)/3). eps is added to the std.
@@ -684,14 +522,93 @@ def test_group_advantages_all_equal_rewards_are_exact_zeros():
     assert not torch.isnan(A).any() and torch.all(A == 0)
 
 
-# =====================================================================================
-# 5. policy_loss by hand
-# =====================================================================================
+
+
+def test_token_logprobs_no_padding_equals_naive_gather(gpt2_models):
+    # Without padding, token_logprobs = log_softmax(logits[:, t-1])[ids[:, t]] for t >= start.
+    model = gpt2_models[0]
+    torch.manual_seed(5)
+    ids = torch.randint(0, 11, (3, 9))
+    attn = torch.ones_like(ids)
+    start = 4
+    with torch.no_grad():
+        got = lgrpo.token_logprobs(model, ids, attn, start)
+        logits = model(input_ids=ids).logits
+        full = torch.log_softmax(logits.double(), dim=-1)
+        exp = full[:, start - 1:-1].gather(-1, ids[:, start:, None]).squeeze(-1)
+    assert got.shape == (3, 9 - start)
+    assert close(got, exp, 1e-10)
+
+
+def test_token_logprobs_left_padding_invariance(gpt2_models):
+    # Property: with left-padded prompts of different lengths, each row's completion log-probs
+    # equal those of the same prompt+completion scored alone with no padding (catches missing
+    # position_ids / a mask not reaching the model). float64, tol 1e-6.
+    model = gpt2_models[0]
+    prompts = [[1, 2, 3, 4, 5], [6, 7], [8], [2, 9, 9]]
+    completions = [[3, 3, 1], [4, 5, 6, 7, 8], [0, 0], [10]]  # token 0 is also the pad id
+    ids, attn, P, cmask = _build_lm_batch(prompts, completions, pad_id=0)
+    with torch.no_grad():
+        got = lgrpo.token_logprobs(model, ids, attn, P)
+    assert got.shape == cmask.shape
+    for i, (p, c) in enumerate(zip(prompts, completions)):
+        alone = torch.tensor([p + c])
+        with torch.no_grad():
+            lp = torch.log_softmax(model(input_ids=alone).logits.double(), -1)[0]
+        exp = [float(lp[len(p) + t - 1, c[t]]) for t in range(len(c))]
+        assert close(got[i, :len(c)], exp, 1e-6), (i, got[i], exp)
+
+
+def test_token_logprobs_is_differentiable(gpt2_models):
+    # The log-probs carry gradients to the model parameters (needed for training).
+    model = gpt2_models[0]
+    ids, attn, P, cmask = _build_lm_batch([[1, 2], [3]], [[4, 5], [6]])
+    lp = lgrpo.token_logprobs(model, ids, attn, P)
+    (lp * cmask).sum().backward()
+    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
+    model.zero_grad(set_to_none=True)
+
+
+
+
+def test_token_logprobs_score_the_tempered_sampling_distribution():
+    # Sampling at temperature τ draws from softmax(logits / τ): the log-probs must be of that.
+    model = lgrpo.tiny_gpt2(8, seed=0, dtype=torch.float64)
+    ids = torch.tensor([[7, 7, 1, 2, 3], [7, 7, 4, 5, 6]])
+    with torch.no_grad():
+        logits = model(ids).logits[:, 1:-1] / 0.7
+        naive = torch.log_softmax(logits, -1).gather(-1, ids[:, 2:, None]).squeeze(-1)
+        got = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7)
+    torch.testing.assert_close(got, naive, rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_token_logprobs_chunking_changes_neither_values_nor_gradients(dtype):
+    # Chunks of one position (recomputed in backward for bf16) against a single chunk.
+    ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(0))
+    results = []
+    for chunk_tokens in (1 << 24, 1):
+        model = lgrpo.tiny_gpt2(50, seed=0, dtype=dtype)
+        logp = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 4, temperature=0.9, chunk_tokens=chunk_tokens)
+        logp.sum().backward()
+        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
+    (v1, g1), (v2, g2) = results
+    assert torch.equal(v1, v2)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-2)
+
+
 # B=2, T=3; row 1 has 2 valid tokens. Padding holds finite garbage that must not matter.
 PL_MASK = [[1, 1, 1], [1, 1, 0]]
+
+
 PL_LOGP = [[-1.0, -0.5, -2.0], [-0.3, -1.2, 30.0]]
+
+
 # ratios P = exp(logp - old): 1.6487 (>1.2), 0.6065 (<0.8), 1.1052 (inside); 1.3499, 0.9048
 PL_OLD = [[-1.5, 0.0, -2.1], [-0.6, -1.1, -40.0]]
+
+
 PL_REF = [[-1.2, -0.4, -1.0], [-0.5, -1.0, 25.0]]
 
 
@@ -764,79 +681,289 @@ def test_policy_loss_gradient_respects_clipping():
                for t in range(2))
 
 
-# =====================================================================================
-# 6. token_logprobs
-# =====================================================================================
-def _build_lm_batch(prompts, completions, pad_id=0):
-    """Left-pad prompts to a common width P, right-pad completions; returns ids, attn, P, cmask."""
-    P = max(len(p) for p in prompts)
-    T = max(len(c) for c in completions)
-    B = len(prompts)
-    ids = torch.full((B, P + T), pad_id, dtype=torch.long)
-    attn = torch.zeros(B, P + T, dtype=torch.long)
-    cmask = torch.zeros(B, T, dtype=torch.long)
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        ids[i, P - len(p):P] = torch.tensor(p)
-        attn[i, P - len(p):P] = 1
-        if c:
-            ids[i, P:P + len(c)] = torch.tensor(c)
-            attn[i, P:P + len(c)] = 1
-            cmask[i, :len(c)] = 1
-    return ids, attn, P, cmask
+
+# ================================================================================================
+# 2. Process sets
+# ================================================================================================
+
+def test_worked_example_process_set_sizes_and_weights():
+    # |λ| per token equals the table (pad id 0 is the real token "A": mask alone decides).
+    comps, ids, mask, _ = we_batch(pad_fill=WE_ID["A"])
+    sizes = lgrpo.process_set_sizes(ids, mask, 6)
+    assert sizes.dtype == torch.long and sizes.shape == ids.shape
+    expected = torch.zeros_like(ids)
+    for i, row in enumerate(WE_SIZES):
+        expected[i, : len(row)] = torch.tensor(row)
+    assert torch.equal(sizes, expected)
+    w = lgrpo.lambda_weights(ids, mask, 6)
+    assert w.is_floating_point()
+    exp_w = torch.where(expected > 0, 1.0 / expected.clamp(min=1).double(), torch.zeros(()))
+    assert close(w, exp_w, 1e-7)
 
 
-def test_token_logprobs_no_padding_equals_naive_gather(gpt2_models):
-    # Without padding, token_logprobs = log_softmax(logits[:, t-1])[ids[:, t]] for t >= start.
-    model = gpt2_models[0]
-    torch.manual_seed(5)
-    ids = torch.randint(0, 11, (3, 9))
-    attn = torch.ones_like(ids)
-    start = 4
-    with torch.no_grad():
-        got = lgrpo.token_logprobs(model, ids, attn, start)
-        logits = model(input_ids=ids).logits
-        full = torch.log_softmax(logits.double(), dim=-1)
-        exp = full[:, start - 1:-1].gather(-1, ids[:, start:, None]).squeeze(-1)
-    assert got.shape == (3, 9 - start)
-    assert close(got, exp, 1e-10)
+def test_worked_example_build_trie_has_the_nine_steps_and_tree_shape():
+    # build_trie on letter tokens gives exactly the table's 9 steps (members, |λ|, R̂, A)
+    # and the tree: J K L -> {M, N Q}; N Q -> {S T, U}; A B -> {C D, E F H I}.
+    comps = [list(s) for s in WE_COMPLETIONS]
+    root = lgrpo.build_trie(comps, WE_REWARDS)
+    nodes = trie_nodes(root)
+    by_key = {"".join(n.tokens): n for n in nodes}
+    assert len(nodes) == 9
+    assert set(by_key) == set(WE_STEPS)
+    spans = {"AB": (0, 2), "CD": (2, 4), "EFHI": (2, 6), "JKL": (0, 3), "M": (3, 4),
+             "NQ": (3, 5), "ST": (5, 7), "U": (5, 6), "VWYZ": (0, 4)}
+    for key, (members, size, r_hat, adv) in WE_STEPS.items():
+        n = by_key[key]
+        assert list(n.members) == members, key
+        assert n.size == size, key
+        assert float(n.reward) == pytest.approx(r_hat, abs=1e-9), key
+        exp_adv = (r_hat - WE_MEAN) / (WE_STD + 1e-4)  # default eps
+        assert float(n.advantage) == pytest.approx(exp_adv, abs=1e-6), key
+        assert float(n.advantage) == pytest.approx(adv, abs=1e-3), key
+        assert (n.start, n.end) == spans[key], key
+
+    def kids(node):
+        return sorted("".join(k.tokens) for k in node.children)
+
+    assert kids(root) == ["AB", "JKL", "VWYZ"]
+    assert kids(by_key["AB"]) == ["CD", "EFHI"]
+    assert kids(by_key["JKL"]) == ["M", "NQ"]
+    assert kids(by_key["NQ"]) == ["ST", "U"]
+    for leaf in ["CD", "EFHI", "M", "ST", "U", "VWYZ"]:
+        assert kids(by_key[leaf]) == []
+    check_trie_structure(root, comps, WE_REWARDS)
 
 
-def test_token_logprobs_left_padding_invariance(gpt2_models):
-    # Property: with left-padded prompts of different lengths, each row's completion log-probs
-    # equal those of the same prompt+completion scored alone with no padding (catches missing
-    # position_ids / a mask not reaching the model). float64, tol 1e-6.
-    model = gpt2_models[0]
-    prompts = [[1, 2, 3, 4, 5], [6, 7], [8], [2, 9, 9]]
-    completions = [[3, 3, 1], [4, 5, 6, 7, 8], [0, 0], [10]]  # token 0 is also the pad id
-    ids, attn, P, cmask = _build_lm_batch(prompts, completions, pad_id=0)
-    with torch.no_grad():
-        got = lgrpo.token_logprobs(model, ids, attn, P)
-    assert got.shape == cmask.shape
-    for i, (p, c) in enumerate(zip(prompts, completions)):
-        alone = torch.tensor([p + c])
-        with torch.no_grad():
-            lp = torch.log_softmax(model(input_ids=alone).logits.double(), -1)[0]
-        exp = [float(lp[len(p) + t - 1, c[t]]) for t in range(len(c))]
-        assert close(got[i, :len(c)], exp, 1e-6), (i, got[i], exp)
+def test_worked_example_format_trie_shows_each_step_and_size():
+    # format_trie: one line per node; each step's tokens and |λ| appear on a line.
+    root = lgrpo.build_trie([list(s) for s in WE_COMPLETIONS], WE_REWARDS)
+    text = lgrpo.format_trie(root)
+    assert isinstance(text, str)
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    assert len(lines) in (9, 10)  # the 9 steps (+ a root line)
+    for key, (_, size, _, _) in WE_STEPS.items():
+        tok_re = r"[\s,'\"\[\]]*".join(re.escape(ch) for ch in key)
+        size_re = r"(?<![\d.])%d(?![\d.])" % size
+        assert any(re.search(tok_re, ln) and re.search(size_re, ln) for ln in lines), key
 
 
-def test_token_logprobs_is_differentiable(gpt2_models):
-    # The log-probs carry gradients to the model parameters (needed for training).
-    model = gpt2_models[0]
-    ids, attn, P, cmask = _build_lm_batch([[1, 2], [3]], [[4, 5], [6]])
-    lp = lgrpo.token_logprobs(model, ids, attn, P)
-    (lp * cmask).sum().backward()
-    assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
-    model.zero_grad(set_to_none=True)
+def test_process_set_sizes_weights_step_advantages_match_bruteforce_oracle():
+    # Property: the vectorized |λ|, 1/|λ| and step advantages equal the definitions computed by
+    # explicit prefix comparisons, incl. duplicates, prefixes, empty/1-token completions, and
+    # padding filled with real token ids (padding must be read from the mask only).
+    rng = random.Random(1234)
+    n_checked_dupes = n_checked_empty = n_checked_prefix = 0
+    for _ in range(300):
+        comps, rewards, G, ids, mask = random_batch(rng)
+        T = ids.shape[1]
+        r = torch.tensor(rewards, dtype=torch.float64)
+        exp_sizes = oracle_sizes(comps, G, T)
+        sizes = lgrpo.process_set_sizes(ids, mask, G)
+        assert sizes.dtype == torch.long
+        assert sizes.tolist() == exp_sizes, (comps, G)
+        w = lgrpo.lambda_weights(ids, mask, G)
+        exp_w = [[(1.0 / s if s else 0.0) for s in row] for row in exp_sizes]
+        assert close(w, exp_w, 1e-6), (comps, G)
+        A = lgrpo.step_advantages(ids, mask, r, G)
+        exp_A = oracle_step_adv(comps, rewards, G, T)
+        assert close(A, exp_A, 1e-5), (comps, rewards, G)
+        assert torch.all(A[mask == 0] == 0)
+        # coverage of the tricky cases
+        n_checked_empty += sum(1 for c in comps if len(c) == 0)
+        n_checked_dupes += sum(1 for i, c in enumerate(comps) if c and c in comps[:i])
+        n_checked_prefix += sum(
+            1 for c in comps for d in comps if 0 < len(c) < len(d) and d[: len(c)] == c)
+    assert n_checked_empty > 20 and n_checked_dupes > 20 and n_checked_prefix > 20
 
 
-# =====================================================================================
-# 7. Theorem 1 with gradients (float64, tiny GPT-2, eval mode)
-# =====================================================================================
+def test_build_trie_agrees_with_vectorized_functions_on_random_groups():
+    # Property: the (|λ|, A) of the node containing each token equal process_set_sizes and
+    # step_advantages; members share the node's span; children start where the parent ends;
+    # nodes are maximal; every token lies in exactly one node. Tokens both ints and strings.
+    rng = random.Random(77)
+    for it in range(150):
+        comps, rewards, G, ids, mask = random_batch(rng)
+        r = torch.tensor(rewards, dtype=torch.float64)
+        sizes = lgrpo.process_set_sizes(ids, mask, G)
+        A = lgrpo.step_advantages(ids, mask, r, G).double()
+        for g in range(len(comps) // G):
+            grp = comps[g * G:(g + 1) * G]
+            rg = rewards[g * G:(g + 1) * G]
+            if it % 2:
+                grp = [["tok%d" % x for x in c] for c in grp]  # string tokens
+                rg = torch.tensor(rg, dtype=torch.float64)
+            root = lgrpo.build_trie(grp, rg)
+            size_at, adv_at = check_trie_structure(root, grp, rg)
+            for j, c in enumerate(grp):
+                for t in range(len(c)):
+                    assert size_at[j][t] == int(sizes[g * G + j, t])
+                    assert adv_at[j][t] == pytest.approx(float(A[g * G + j, t]), abs=1e-5)
+
+
+def test_build_trie_when_whole_group_shares_the_first_step():
+    # The root is the prompt, never a step: when every completion starts with the same tokens,
+    # that shared run is ONE child step holding all members (|λ| = G), not part of the root.
+    comps = [[7, 8, 1], [7, 8, 2], [7, 8]]
+    root = lgrpo.build_trie(comps, [1.0, 0.0, 0.5])
+    assert len(root.children) == 1
+    first = root.children[0]
+    assert list(first.tokens) == [7, 8] and (first.start, first.end) == (0, 2)
+    assert list(first.members) == [0, 1, 2] and first.size == 3
+    assert sorted(tuple(k.tokens) for k in first.children) == [(1,), (2,)]
+    check_trie_structure(root, comps, [1.0, 0.0, 0.5])
+
+
+def test_build_trie_python_float_rewards_keep_double_precision():
+    # Python floats are doubles: R̂ and the step advantage of each node must equal the float64
+    # computation (no silent rounding of the rewards to float32 on the way in).
+    comps = [[1, 2, 3], [1, 2, 4], [1, 5], [6]]
+    rewards = [0.3, 0.9, 0.1, 0.7]
+    mean = sum(rewards) / 4
+    std = math.sqrt(sum((x - mean) ** 2 for x in rewards) / 3)
+    root = lgrpo.build_trie(comps, rewards)
+    for n in trie_nodes(root):
+        r_hat = sum(rewards[m] for m in n.members) / n.size
+        assert float(n.reward) == pytest.approx(r_hat, abs=1e-12, rel=0)
+        assert float(n.advantage) == pytest.approx((r_hat - mean) / (std + 1e-4), abs=1e-12, rel=0)
+
+
+def test_worked_example_trie_stats_by_hand():
+    # Hand computation for the worked example (one group of 6):
+    #   path depth (steps root->end):  1: AB,CD = 2   2: AB,EFHI = 2   3: JKL,M = 2
+    #                                  4: JKL,NQ,ST = 3   5: JKL,NQ,U = 3   6: VWYZ = 1
+    #   -> mean 13/6
+    #   intermediate proportion (tokens with |λ|>1 / length):
+    #     1: AB -> 2/4   2: AB -> 2/6   3: JKL -> 3/4   4: JKLNQ -> 5/7   5: JKLNQ -> 5/6   6: 0/4
+    #   flat_frac: the group has shared steps -> 0
+    comps, ids, mask, _ = we_batch()
+    st = lgrpo.trie_stats(ids, mask, 6)
+    props = [2 / 4, 2 / 6, 3 / 4, 5 / 7, 5 / 6, 0.0]
+    assert st["path_depth"] == pytest.approx(13 / 6, abs=1e-6)
+    assert st["intermediate_prop"] == pytest.approx(sum(props) / 6, abs=1e-6)
+    assert st["flat_frac"] == pytest.approx(0.0, abs=1e-12)
+
+    # Add a second, flat group (distinct first tokens) with one empty completion whose padding
+    # uses a real token id. Its empty completion is excluded: depth mean 1 over the 5 others,
+    # intermediate 0, flat. Then average over the 2 groups.
+    X = len(WE_LETTERS)
+    flat = [[X], [X + 1, X + 1], [X + 2, X + 2, X + 2], [], [X + 3], [X + 4, X]]
+    ids2, mask2 = pad_batch(comps + flat, pad_fill=X)
+    st2 = lgrpo.trie_stats(ids2, mask2, 6)
+    assert st2["path_depth"] == pytest.approx((13 / 6 + 1.0) / 2, abs=1e-6)
+    assert st2["intermediate_prop"] == pytest.approx((sum(props) / 6 + 0.0) / 2, abs=1e-6)
+    assert st2["flat_frac"] == pytest.approx(0.5, abs=1e-12)
+
+
+
+
+def test_trie_stats_match_bruteforce_oracle_on_random_batches():
+    # Property: trie_stats equals the brute-force definition: depth = 1 + number of |λ| changes
+    # along the completion (process sets only shrink); share of tokens with |λ|>1; flat groups.
+    rng = random.Random(2024)
+    saw_flat = saw_nonflat = False
+    for _ in range(120):
+        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
+        st = lgrpo.trie_stats(ids, mask, G)
+        exp = oracle_trie_stats(comps, G)
+        for key in ("path_depth", "intermediate_prop", "flat_frac"):
+            assert isinstance(st[key], float)
+            assert st[key] == pytest.approx(exp[key], abs=1e-6), (key, comps, G)
+        saw_flat |= exp["flat_frac"] > 0
+        saw_nonflat |= exp["flat_frac"] < 1
+    assert saw_flat and saw_nonflat
+
+
+def test_trie_stats_match_stats_read_off_build_trie():
+    # Property: trie_stats equals the statistics read off the explicit trie: path depth =
+    # number of nodes whose members include the completion; intermediate proportion = tokens in
+    # nodes with size > 1 over the length; flat = every node has size 1.
+    rng = random.Random(2025)
+    for _ in range(120):
+        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
+        st = lgrpo.trie_stats(ids, mask, G)
+        depths, props, flats = [], [], []
+        for g in range(len(comps) // G):
+            grp = comps[g * G:(g + 1) * G]
+            root = lgrpo.build_trie(grp, [0.0] * G)
+            nodes = trie_nodes(root)
+            d, p = [], []
+            for j, c in enumerate(grp):
+                if not c:
+                    continue
+                mine = [n for n in nodes if j in n.members]
+                d.append(len(mine))
+                p.append(sum(n.end - n.start for n in mine if n.size > 1) / len(c))
+            depths.append(sum(d) / len(d))
+            props.append(sum(p) / len(p))
+            flats.append(float(all(n.size == 1 for n in nodes)))
+        n_g = len(depths)
+        assert st["path_depth"] == pytest.approx(sum(depths) / n_g, abs=1e-6)
+        assert st["intermediate_prop"] == pytest.approx(sum(props) / n_g, abs=1e-6)
+        assert st["flat_frac"] == pytest.approx(sum(flats) / n_g, abs=1e-6)
+
+
+
+# ================================================================================================
+# 3. Step rewards and Theorem 1
+# ================================================================================================
+
+def test_worked_example_step_advantages_match_table():
+    # A_{i,t} on every token equals the table's A of the step containing it; 0 on padding.
+    comps, ids, mask, r = we_batch(pad_fill=WE_ID["J"])
+    A = lgrpo.step_advantages(ids, mask, r, 6, eps=0.0)
+    assert A.shape == ids.shape
+    for i, steps in enumerate(WE_TOKEN_STEPS):
+        for t, step in enumerate(steps):
+            assert float(A[i, t]) == pytest.approx(WE_STEPS[step][3], abs=5e-5), (i, t, step)
+        assert torch.all(A[i, len(steps):] == 0)
+    # default eps: exact formula (R̂ − mean) / (std + 1e-4)
+    A_def = lgrpo.step_advantages(ids, mask, r, 6)
+    for i, steps in enumerate(WE_TOKEN_STEPS):
+        for t, step in enumerate(steps):
+            exp = (WE_STEPS[step][2] - WE_MEAN) / (WE_STD + 1e-4)
+            assert float(A_def[i, t]) == pytest.approx(exp, abs=1e-6)
+
+
+def test_step_advantages_equal_mean_of_outcome_advantages_over_members():
+    # Property (§2): A_{i,t} = mean of a_k over λ^(i,t), with a from group_advantages.
+    rng = random.Random(99)
+    for _ in range(100):
+        comps, rewards, G, ids, mask = random_batch(rng)
+        r = torch.tensor(rewards, dtype=torch.float64)
+        a = lgrpo.group_advantages(r, G).double()
+        A = lgrpo.step_advantages(ids, mask, r, G).double()
+        for i, c in enumerate(comps):
+            g = i // G
+            for t in range(len(c)):
+                mem = [k for k in range(g * G, g * G + G)
+                       if len(comps[k]) > t and comps[k][: t + 1] == c[: t + 1]]
+                assert float(A[i, t]) == pytest.approx(
+                    sum(float(a[k]) for k in mem) / len(mem), abs=1e-6)
+
+
+def test_no_shared_first_token_gives_trivial_prm():
+    # If no two completions share a first token, |λ| = 1 everywhere and A_{i,t} = a_i (plain ORM).
+    comps = [[0, 1, 1], [1, 0], [2], [3, 3, 3, 3]]
+    ids, mask = pad_batch(comps, pad_fill=0)
+    r = torch.tensor([1.0, 0.0, 0.3, 0.9], dtype=torch.float64)
+    assert torch.equal(lgrpo.process_set_sizes(ids, mask, 4), mask.long())
+    a = lgrpo.group_advantages(r, 4).double()
+    A = lgrpo.step_advantages(ids, mask, r, 4).double()
+    assert close(A, a[:, None] * mask, 1e-6)
+
+
+
+
 # One group: shared prefixes, unequal lengths, one exact duplicate (rows 1 and 4), a prefix.
 TH_PROMPT = [5, 6, 7]
+
+
 TH_COMPS = [[1, 2, 3, 4], [1, 2, 8], [1, 2, 3, 9, 9, 2], [4, 4], [1, 2, 8], [1, 2, 3]]
+
+
 TH_REWARDS = [1.0, 0.0, 0.3, 0.9, 0.0, 0.6]
+
+
 TH_G = len(TH_COMPS)
 
 
@@ -884,6 +1011,66 @@ def test_theorem1_grpo_equals_prm_in_value_and_gradient(gpt2_models):
         assert max(float(g.abs().max()) for g in g_out) > 1e-6  # the gradient is not trivially 0
 
 
+def test_theorem1_breaks_with_sequence_aggregation(gpt2_models):
+    # Counterexample: per-completion mean aggregation with unequal lengths breaks the equality.
+    s = _theorem_setup(gpt2_models)
+    l_out, _, _ = _loss_and_grads(s, s["a"], aggregation="sequence")
+    l_step, _, _ = _loss_and_grads(s, s["A"], aggregation="sequence")
+    assert abs(float(l_out) - float(l_step)) > 1e-6
+
+
+def test_theorem1_breaks_with_clipping_when_mu_gt_1(gpt2_models):
+    # Counterexample: μ > 1 — the old policy differs from the current one but is still a policy
+    # (its log-probs depend only on the prefix): old = logp + δ(prefix), δ = ±0.6, so every ratio
+    # leaves [0.8, 1.2] and clipping acts per a_i (mixed signs inside shared steps): GRPO ≠ PRM.
+    # With clipping disabled (huge clip_eps) the same old policy gives equality again, so
+    # clipping is the cause.
+    s = _theorem_setup(gpt2_models)
+    with torch.no_grad():
+        logp_now = lgrpo.token_logprobs(s["model"], s["ids"], s["attn"], s["P"])
+    rng = random.Random(3)
+    delta_of = {}
+    old = logp_now.clone()
+    for i, c in enumerate(TH_COMPS):
+        for t in range(len(c)):
+            key = tuple(c[: t + 1])
+            if key not in delta_of:
+                delta_of[key] = rng.choice([-0.6, 0.6])
+            old[i, t] = logp_now[i, t] + delta_of[key]
+    assert len(set(delta_of.values())) == 2
+    l_out, _, _ = _loss_and_grads(s, s["a"], old=old, aggregation="token")
+    l_step, _, _ = _loss_and_grads(s, s["A"], old=old, aggregation="token")
+    assert abs(float(l_out) - float(l_step)) > 1e-6
+    l_out_nc, g_out_nc, _ = _loss_and_grads(s, s["a"], old=old, clip_eps=1e6)
+    l_step_nc, g_step_nc, _ = _loss_and_grads(s, s["A"], old=old, clip_eps=1e6)
+    assert abs(float(l_out_nc) - float(l_step_nc)) <= 1e-10
+    assert _max_grad_diff(g_out_nc, g_step_nc) <= 1e-10
+
+
+
+# ================================================================================================
+# 4. λ-GRPO, and the input checks of sections 1–4
+# ================================================================================================
+
+def test_worked_example_JKL_push_grpo_vs_lambda_grpo():
+    # On each J K L token: GRPO's summed push Σ_members a_k = 3·(−0.2214) = −0.6642;
+    # λ-GRPO's (each term weighted by 1/|λ|) is −0.2214, although J K L M is the best completion.
+    comps, ids, mask, r = we_batch()
+    a = lgrpo.group_advantages(r, 6, eps=0.0).double()
+    A = lgrpo.step_advantages(ids, mask, r, 6, eps=0.0).double()
+    w = lgrpo.lambda_weights(ids, mask, 6).double()
+    members = [2, 3, 4]
+    for t in range(3):  # J, K, L
+        grpo_outcome = sum(float(a[k]) for k in members)
+        grpo_step = sum(float(A[k, t]) for k in members)
+        lam_outcome = sum(float(w[k, t] * a[k]) for k in members)
+        lam_step = sum(float(w[k, t] * A[k, t]) for k in members)
+        assert grpo_outcome == pytest.approx(-0.6642, abs=1e-4)
+        assert grpo_step == pytest.approx(-0.6642, abs=1e-4)
+        assert lam_outcome == pytest.approx(-0.2214, abs=5e-5)
+        assert lam_step == pytest.approx(-0.2214, abs=5e-5)
+
+
 def test_lambda_grpo_counts_each_process_step_once(gpt2_models):
     # λ-GRPO (weights 1/|λ|) equals Σ over trie nodes, Σ over the node's token span, of
     # (P·A_step − D) for ONE member, over the total token count (negated: it is a loss),
@@ -929,45 +1116,6 @@ def test_lambda_grpo_counts_each_process_step_once(gpt2_models):
     assert abs(float(l_grpo) - manual) > 1e-6
 
 
-def test_theorem1_breaks_with_sequence_aggregation(gpt2_models):
-    # Counterexample: per-completion mean aggregation with unequal lengths breaks the equality.
-    s = _theorem_setup(gpt2_models)
-    l_out, _, _ = _loss_and_grads(s, s["a"], aggregation="sequence")
-    l_step, _, _ = _loss_and_grads(s, s["A"], aggregation="sequence")
-    assert abs(float(l_out) - float(l_step)) > 1e-6
-
-
-def test_theorem1_breaks_with_clipping_when_mu_gt_1(gpt2_models):
-    # Counterexample: μ > 1 — the old policy differs from the current one but is still a policy
-    # (its log-probs depend only on the prefix): old = logp + δ(prefix), δ = ±0.6, so every ratio
-    # leaves [0.8, 1.2] and clipping acts per a_i (mixed signs inside shared steps): GRPO ≠ PRM.
-    # With clipping disabled (huge clip_eps) the same old policy gives equality again, so
-    # clipping is the cause.
-    s = _theorem_setup(gpt2_models)
-    with torch.no_grad():
-        logp_now = lgrpo.token_logprobs(s["model"], s["ids"], s["attn"], s["P"])
-    rng = random.Random(3)
-    delta_of = {}
-    old = logp_now.clone()
-    for i, c in enumerate(TH_COMPS):
-        for t in range(len(c)):
-            key = tuple(c[: t + 1])
-            if key not in delta_of:
-                delta_of[key] = rng.choice([-0.6, 0.6])
-            old[i, t] = logp_now[i, t] + delta_of[key]
-    assert len(set(delta_of.values())) == 2
-    l_out, _, _ = _loss_and_grads(s, s["a"], old=old, aggregation="token")
-    l_step, _, _ = _loss_and_grads(s, s["A"], old=old, aggregation="token")
-    assert abs(float(l_out) - float(l_step)) > 1e-6
-    l_out_nc, g_out_nc, _ = _loss_and_grads(s, s["a"], old=old, clip_eps=1e6)
-    l_step_nc, g_step_nc, _ = _loss_and_grads(s, s["A"], old=old, clip_eps=1e6)
-    assert abs(float(l_out_nc) - float(l_step_nc)) <= 1e-10
-    assert _max_grad_diff(g_out_nc, g_step_nc) <= 1e-10
-
-
-# =====================================================================================
-# 8. Bad input -> ValueError
-# =====================================================================================
 def _ok_inputs():
     ids = torch.tensor([[1, 2, 0], [1, 3, 3], [2, 0, 0], [1, 2, 2]])
     mask = torch.tensor([[1, 1, 0], [1, 1, 1], [1, 0, 0], [1, 1, 1]])
@@ -985,12 +1133,16 @@ def _call_all(ids, mask, r, G):
     }
 
 
-def test_valid_inputs_do_not_raise():
-    # The baseline used by the ValueError tests is itself valid (so the errors are meaningful).
+def test_the_valid_baseline_of_the_error_tests_gives_the_right_numbers():
+    # The errors below are meaningful only if the baseline they break is accepted, and right.
     ids, mask, r = _ok_inputs()
-    for fn in _call_all(ids, mask, r, 2).values():
-        fn()
-    lgrpo.group_advantages(r, 2)
+    results = {name: fn() for name, fn in _call_all(ids, mask, r, 2).items()}
+    sizes = [[2, 1, 0], [2, 1, 1], [1, 0, 0], [1, 1, 1]]  # groups {0, 1} and {2, 3}, by hand
+    assert results["process_set_sizes"].tolist() == sizes
+    assert results["lambda_weights"].tolist() == [[1 / x if x else 0.0 for x in row] for row in sizes]
+    assert results["trie_stats"]["flat_frac"] == 0.5  # group {2, 3} shares no first token
+    a = lgrpo.group_advantages(r, 2)
+    assert torch.equal(a.sign(), torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=a.dtype))
 
 
 @pytest.mark.parametrize("G", [1, 0])
@@ -1052,10 +1204,11 @@ def test_non_finite_rewards_raise(bad_value):
         lgrpo.step_advantages(ids, mask, r, 2)
 
 
-# =====================================================================================
-# CLI test: `python lgrpo.py verify` end to end
-# =====================================================================================
-@pytest.mark.cli
+
+# ================================================================================================
+# 5. The numerical checks: `python lgrpo.py verify`
+# ================================================================================================
+
 def test_cli_verify_command_passes():
     # The Theorem-1 self-check CLI runs end to end, exits 0 and reports no FAIL.
     proc = subprocess.run([sys.executable, "lgrpo.py", "verify"], cwd=REPO_DIR,
@@ -1064,11 +1217,202 @@ def test_cli_verify_command_passes():
     assert "FAIL" not in proc.stdout
     assert proc.stdout.strip(), "verify printed nothing"
 
+# ================================================================================================
+# 6. The toy (Table 1) and the update it shares with LLM training
+# ================================================================================================
 
-# =====================================================================================
-# --- reward parser (issue 4): exact match of the final answer ---
-# =====================================================================================
+@pytest.mark.parametrize("aggregation", ["token", "sequence"])
+def test_micro_batches_give_the_full_batch_update(aggregation):
+    # Gradient accumulation must reproduce the full-batch loss gradient exactly (float64, SGD).
+    ids, mask = lgrpo.pad_completions(lgrpo.THEOREM_GROUP + lgrpo.THEOREM_GROUP[::-1])
+    prompt = torch.full((ids.shape[0], 2), 7)
+    input_ids, attention = torch.cat([prompt, ids], 1), torch.cat([torch.ones_like(prompt), mask], 1)
+    a = lgrpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 1.0] * 2, dtype=torch.float64), 6)
+    w = lgrpo.lambda_weights(ids, mask, 6, dtype=torch.float64)
+    params = []
+    for mb in (None, 4):
+        model = lgrpo.tiny_gpt2(8, seed=0, dtype=torch.float64)
+        opt = torch.optim.SGD(model.parameters(), lr=1.0)
+        lgrpo.grpo_update(model, opt, input_ids, attention, 2, mask, a, w, micro_batch_size=mb,
+                          aggregation=aggregation, max_grad_norm=math.inf)
+        params.append(torch.cat([p.flatten() for p in model.parameters()]))
+    assert not torch.equal(params[0], torch.cat([p.flatten() for p in lgrpo.tiny_gpt2(8, seed=0).double().parameters()]))
+    torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-12)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+@pytest.mark.parametrize("r_neg", [-0.5, -1.5])
+def test_tree_rewards_on_all_16_paths(n, r_neg):
+    # The reward of every root-to-leaf path, by the rule of §6, against the vectorized form.
+    target = [2, 1, 1, 2]
+    paths = list(itertools.product([1, 2], repeat=4))
+    expected = [1.0 if list(p) == target else r_neg if list(p[:n]) == target[:n] else 0.7 for p in paths]
+    got = lgrpo.tree_rewards(torch.tensor(paths), torch.tensor(target), n, r_neg)
+    assert got.tolist() == pytest.approx(expected)
+    assert sum(e == r_neg for e in expected) == 2 ** (4 - n) - 1  # the trap: T's subtree minus T
+
+
+def test_toy_lambda_and_grpo_losses_differ_exactly_by_lambda_weights():
+    # On one sampled batch, d loss / d logp of λ-GRPO is GRPO's times 1/|λ| token by token.
+    model, start, actions = lgrpo.toy_policy(None, seed=0)
+    torch.manual_seed(0)
+    paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 16,
+                                     max_new_tokens=4, min_new_tokens=4, eos_token_id=None,
+                                     logits_processor=[lgrpo.AllowTokens(actions)])
+    assert paths.shape == (16, 4) and set(paths.unique().tolist()) <= set(actions)
+    mask = torch.ones_like(paths)
+    a = lgrpo.group_advantages(lgrpo.tree_rewards(paths, paths[0], 1, -1.0), 16)
+    w = lgrpo.lambda_weights(paths, mask, 16)
+    assert (w < 1).any()  # 16 paths over 2 first tokens always share a prefix
+    grads = []
+    for weights in (None, w):
+        logp = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
+        logp.data.copy_(torch.linspace(-2, -0.1, 64, dtype=torch.float64).view(16, 4))
+        lgrpo.policy_loss(logp, logp.detach(), None, a.double(), mask, weights).backward()
+        grads.append(logp.grad)
+    torch.testing.assert_close(grads[1], grads[0] * w.double(), rtol=0, atol=1e-12)
+
+
+def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
+    out = tmp_path / "toy.json"
+    proc = run_cli("toy", "--steps", 3, "--seeds", 2, "--n", 1, "--r-neg", -1.0, "--workers", 1, "--json", out)
+    assert "paper" in proc.stdout and "0.7535" in proc.stdout  # printed beside the paper's Table 1
+    result = json.loads(out.read_text())
+    for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model", "workers"):
+        assert key in result["config"]
+    (cell,) = result["cells"]
+    assert (cell["n"], cell["r_neg"]) == (1, -1.0)
+    for method in ("grpo", "lambda"):
+        r = cell[method]
+        assert len(r["per_seed"]) == 2 and len(r["curve"]) == 3
+        assert r["mean"] == pytest.approx(sum(r["per_seed"]) / 2)
+        assert all(0 <= x <= 1 for x in r["curve"] + r["per_seed"]) and r["ci95"] >= 0
+
+
+def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
+    args = ["toy", "--steps", 4, "--seeds", 2, "--n", 1, "--r-neg", -1.0, "-0.5"]
+    run_cli(*args, "--workers", 1, "--json", tmp_path / "w1.json")
+    run_cli(*args, "--workers", 2, "--json", tmp_path / "w2.json")
+    w1, w2 = (json.loads((tmp_path / f).read_text())["cells"] for f in ("w1.json", "w2.json"))
+    assert w1 == w2
+
+
+def test_toy_run_is_a_function_of_its_seed():
+    kw = dict(n=1, r_neg=-1.0, loss="lambda", steps=6, group_size=16, lr=1e-2, temperature=1.0)
+    assert lgrpo.toy_run(seed=3, **kw) == lgrpo.toy_run(seed=3, **kw)
+    assert lgrpo.toy_run(seed=3, **kw) != lgrpo.toy_run(seed=4, **kw)
+
+
+def test_mean_ci95_uses_student_t():
+    xs = [0.0, 1.0, 0.0, 1.0, 0.5]
+    m, h = lgrpo.mean_ci95(xs)
+    sd = math.sqrt(sum((x - 0.5) ** 2 for x in xs) / 4)
+    assert m == 0.5 and h == pytest.approx(2.776 * sd / math.sqrt(5))  # t(0.975, 4 dof) = 2.776
+
+
+def test_toy_with_a_pretrained_causal_lm_samples_only_L_and_R(tiny_llama):
+    # --toy-model: a saved causal LM plays the policy; every token but "L" and "R" is masked.
+    from transformers import AutoTokenizer
+    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
+    L, R = tokenizer.convert_tokens_to_ids(["L", "R"])
+    model, start, actions = lgrpo.toy_policy(str(tiny_llama), seed=0)
+    assert actions == [L, R] and start == tokenizer.bos_token_id
+    frequency = lgrpo.toy_run(1, -1.0, "lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
+                              toy_model=str(tiny_llama))
+    assert len(frequency) == 3 and all(f in {i / 8 for i in range(9)} for f in frequency)
+    torch.manual_seed(0)
+    paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 8,
+                                     max_new_tokens=4, eos_token_id=None, logits_processor=[lgrpo.AllowTokens(actions)])
+    assert set(paths.unique().tolist()) <= {L, R}
+
+# ================================================================================================
+# 7. Training an LLM: the CLI end to end on a tiny model
+# ================================================================================================
+
+@pytest.mark.parametrize("loss, extra", [("lambda", []),
+                                         ("grpo", ["--gradient-checkpointing", "--aggregation", "sequence"])])
+def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp_path, loss, extra):
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *extra, "--steps", 3, "--loss", loss, "--beta", 0.04,
+                        "--updates-per-batch", 2, "--lr", 1e-3, "--save-every", 2, "--eval-every", 3,
+                        "--eval-fraction", 0.2, "--eval-size", 4))
+    rows = read_metrics(out)
+    steps = [r for r in rows if "reward_mean" in r]
+    evals = [r for r in rows if "eval_accuracy" in r]
+    assert [r["step"] for r in steps] == [1, 2, 3] and [r["step"] for r in evals] == [3]
+    for r in steps:
+        assert METRIC_KEYS <= set(r)
+        assert r["kl"] is not None and r["kl"] >= 0 and 0 <= r["clip_frac"] <= 1
+        assert 1 <= r["completion_len"] <= 12 and r["path_depth"] >= 1
+    assert steps[0]["kl"] == pytest.approx(0, abs=1e-9)  # before any update, policy = reference
+    ckpt = out / "checkpoint-2"
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no temp folder left
+    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
+        assert (ckpt / name).exists()
+    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
+    assert state["step"] == 2 and state["args"]["loss"] == loss and state["optimizer"]["state"]
+
+
+def test_resume_equals_uninterrupted_run(tiny_llama, arithmetic_jsonl, seven_reward, tmp_path):
+    # 4 steps in one go == 2 steps, then --resume to 4: metric for metric (timings aside).
+    common = ("--lr", 1e-2, "--beta", 0.04, "--updates-per-batch", 2, "--save-every", 2,
+              "--reward", "starts_with_seven:digits", "--max-new-tokens", 4)
+
+    def run(out, *extra):
+        run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *common, *extra), env=seven_reward)
+
+    run(tmp_path / "full", "--steps", 4)
+    run(tmp_path / "split", "--steps", 2)
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # a row of a lost step after the checkpoint
+        f.write(json.dumps({"step": 3, "reward_mean": 99.0}) + "\n")
+    run(tmp_path / "split", "--steps", 4, "--resume")
+    full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+    assert len(full) == 4 and without_timings(full) == without_timings(split)
+    assert all(r["reward_std"] > 0 for r in full) and full[-1]["kl"] > 1e-6  # the policy did move
+
+
+def test_learnable_reward_rises(tiny_llama, arithmetic_jsonl, seven_reward, tmp_path):
+    # λ-GRPO must make completions that begin with "7" more frequent.
+    out = tmp_path / "run"
+    # 64 samples a step: a first "7" (about 1 in 80 at init) shows up within the first steps.
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 30, "--lr", 3e-2, "--group-size", 16,
+                        "--prompts-per-step", 4, "--max-new-tokens", 3, "--micro-batch-size", 64,
+                        "--reward", "starts_with_seven:reward", "--no-stop-at-boxed"), env=seven_reward)
+    rewards = [r["reward_mean"] for r in read_metrics(out)]
+    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
+    assert last > first + 0.3, rewards
+
+
+def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_llama, arithmetic_jsonl, tmp_path):
+    out = tmp_path / "run"
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1))
+    before = (out / "metrics.jsonl").read_text()
+    for extra, message in ((["--steps", 2], "--resume"), (["--steps", 1, "--eval-every", 1], "--eval-fraction")):
+        where = out if extra[-1] == 2 else tmp_path / "other"
+        proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(tiny_llama, arithmetic_jsonl, where,
+                                                                                *extra))],
+                              cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+        assert proc.returncode != 0 and message in proc.stderr
+    assert (out / "metrics.jsonl").read_text() == before  # nothing was overwritten
+
+
+def test_lora_without_peft_is_a_clear_error(tiny_llama, arithmetic_jsonl, tmp_path):
+    try:
+        import peft  # noqa: F401
+        pytest.skip("peft is installed here; the error path needs it absent")
+    except ImportError:
+        pass
+    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(
+        tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--lora-r", 4))],
+        cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
+    assert proc.returncode != 0 and "pip install peft" in proc.stderr
+
+# ================================================================================================
+# Appendix A. Answer checking
+# ================================================================================================
+
 LONG_PROSE = "In 1999 there were 365 days, 12 months and 7.5 cups of tea. " * 200
+
 
 REWARD_CASES = [
     # (completion, reference, expected reward)
@@ -1209,235 +1553,6 @@ def test_reference_answer(reference, expected):
     assert lgrpo.reference_answer(reference) == expected
 
 
-# =====================================================================================
-# --- toy task (issue 3) ---
-# =====================================================================================
-import itertools
-import json
-import os
-
-
-def run_cli(*args, env=None, timeout=600):
-    """Run `python lgrpo.py ARGS` from the repo; fail with its output if it exits non-zero."""
-    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, args)], cwd=REPO_DIR, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return proc
-
-
-@pytest.mark.parametrize("n", [1, 2])
-@pytest.mark.parametrize("r_neg", [-0.5, -1.5])
-def test_tree_rewards_on_all_16_paths(n, r_neg):
-    # The reward of every root-to-leaf path, by the rule of §6, against the vectorized form.
-    target = [2, 1, 1, 2]
-    paths = list(itertools.product([1, 2], repeat=4))
-    expected = [1.0 if list(p) == target else r_neg if list(p[:n]) == target[:n] else 0.7 for p in paths]
-    got = lgrpo.tree_rewards(torch.tensor(paths), torch.tensor(target), n, r_neg)
-    assert got.tolist() == pytest.approx(expected)
-    assert sum(e == r_neg for e in expected) == 2 ** (4 - n) - 1  # the trap: T's subtree minus T
-
-
-def test_toy_lambda_and_grpo_losses_differ_exactly_by_lambda_weights():
-    # On one sampled batch, d loss / d logp of λ-GRPO is GRPO's times 1/|λ| token by token.
-    model, start, actions = lgrpo.toy_policy(None, seed=0)
-    torch.manual_seed(0)
-    paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 16,
-                                     max_new_tokens=4, min_new_tokens=4, eos_token_id=None,
-                                     logits_processor=[lgrpo.AllowTokens(actions)])
-    assert paths.shape == (16, 4) and set(paths.unique().tolist()) <= set(actions)
-    mask = torch.ones_like(paths)
-    a = lgrpo.group_advantages(lgrpo.tree_rewards(paths, paths[0], 1, -1.0), 16)
-    w = lgrpo.lambda_weights(paths, mask, 16)
-    assert (w < 1).any()  # 16 paths over 2 first tokens always share a prefix
-    grads = []
-    for weights in (None, w):
-        logp = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
-        logp.data.copy_(torch.linspace(-2, -0.1, 64, dtype=torch.float64).view(16, 4))
-        lgrpo.policy_loss(logp, logp.detach(), None, a.double(), mask, weights).backward()
-        grads.append(logp.grad)
-    torch.testing.assert_close(grads[1], grads[0] * w.double(), rtol=0, atol=1e-12)
-
-
-def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
-    out = tmp_path / "toy.json"
-    proc = run_cli("toy", "--steps", 3, "--seeds", 2, "--n", 1, "--r-neg", -1.0, "--workers", 1, "--json", out)
-    assert "paper" in proc.stdout and "0.7535" in proc.stdout  # printed beside the paper's Table 1
-    result = json.loads(out.read_text())
-    for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model", "workers"):
-        assert key in result["config"]
-    (cell,) = result["cells"]
-    assert (cell["n"], cell["r_neg"]) == (1, -1.0)
-    for method in ("grpo", "lambda"):
-        r = cell[method]
-        assert len(r["per_seed"]) == 2 and len(r["curve"]) == 3
-        assert r["mean"] == pytest.approx(sum(r["per_seed"]) / 2)
-        assert all(0 <= x <= 1 for x in r["curve"] + r["per_seed"]) and r["ci95"] >= 0
-
-
-def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
-    args = ["toy", "--steps", 4, "--seeds", 2, "--n", 1, "--r-neg", -1.0, "-0.5"]
-    run_cli(*args, "--workers", 1, "--json", tmp_path / "w1.json")
-    run_cli(*args, "--workers", 2, "--json", tmp_path / "w2.json")
-    w1, w2 = (json.loads((tmp_path / f).read_text())["cells"] for f in ("w1.json", "w2.json"))
-    assert w1 == w2
-
-
-def test_toy_run_is_a_function_of_its_seed():
-    kw = dict(n=1, r_neg=-1.0, loss="lambda", steps=6, group_size=16, lr=1e-2, temperature=1.0)
-    assert lgrpo.toy_run(seed=3, **kw) == lgrpo.toy_run(seed=3, **kw)
-    assert lgrpo.toy_run(seed=3, **kw) != lgrpo.toy_run(seed=4, **kw)
-
-
-def test_mean_ci95_uses_student_t():
-    xs = [0.0, 1.0, 0.0, 1.0, 0.5]
-    m, h = lgrpo.mean_ci95(xs)
-    sd = math.sqrt(sum((x - 0.5) ** 2 for x in xs) / 4)
-    assert m == 0.5 and h == pytest.approx(2.776 * sd / math.sqrt(5))  # t(0.975, 4 dof) = 2.776
-
-
-# =====================================================================================
-# --- training an LLM (issue 4): tiny models and data built here, no downloads ---
-# =====================================================================================
-TIMING_KEYS = {"tokens_per_s", "time_gen", "time_score", "time_update", "peak_mem_mb"}
-METRIC_KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "completion_len", "truncated_frac",
-               "zero_std_frac", "path_depth", "intermediate_prop", "flat_frac"} | TIMING_KEYS
-
-
-@pytest.fixture(scope="session")
-def tiny_llama(tmp_path_factory):
-    """A 2-layer Llama from a config plus the char tokenizer, saved like a hub checkpoint."""
-    from transformers import LlamaConfig, LlamaForCausalLM
-    path = tmp_path_factory.mktemp("tiny-llama")
-    tokenizer = lgrpo.char_tokenizer()
-    config = LlamaConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=256,
-                         bos_token_id=0, eos_token_id=1, tie_word_embeddings=True, attention_dropout=0.1)
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(path)
-    tokenizer.save_pretrained(path)
-    assert tokenizer.pad_token is None
-    return path
-
-
-@pytest.fixture(scope="session")
-def arithmetic_jsonl(tmp_path_factory):
-    path = tmp_path_factory.mktemp("data") / "arithmetic.jsonl"
-    with open(path, "w") as f:
-        for i in range(40):
-            a, b = i % 7 + 1, i % 5 + 2
-            f.write(json.dumps({"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n")
-    return path
-
-
-@pytest.fixture(scope="session")
-def seven_reward(tmp_path_factory):
-    """A learnable reward plugged in through --reward: 1 for completions that begin with "7"."""
-    path = tmp_path_factory.mktemp("reward")
-    (path / "starts_with_seven.py").write_text(
-        "def reward(completion, reference):\n    return float(completion.startswith('7'))\n\n\n"
-        "def digits(completion, reference):\n    return sum(c.isdigit() for c in completion) / 4\n")
-    return {"PYTHONPATH": str(path)}
-
-
-def train_args(model, data, out, *extra):
-    return ["train", "--model", model, "--dataset", data, "--output-dir", out, "--max-new-tokens", 12,
-            "--group-size", 4, "--prompts-per-step", 2, "--micro-batch-size", 3, *extra]
-
-
-def read_metrics(out):
-    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
-
-
-@pytest.mark.parametrize("loss, extra", [("lambda", []),
-                                         ("grpo", ["--gradient-checkpointing", "--aggregation", "sequence"])])
-def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp_path, loss, extra):
-    out = tmp_path / "run"
-    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *extra, "--steps", 3, "--loss", loss, "--beta", 0.04,
-                        "--updates-per-batch", 2, "--lr", 1e-3, "--save-every", 2, "--eval-every", 3,
-                        "--eval-fraction", 0.2, "--eval-size", 4))
-    rows = read_metrics(out)
-    steps = [r for r in rows if "reward_mean" in r]
-    evals = [r for r in rows if "eval_accuracy" in r]
-    assert [r["step"] for r in steps] == [1, 2, 3] and [r["step"] for r in evals] == [3]
-    for r in steps:
-        assert METRIC_KEYS <= set(r)
-        assert r["kl"] is not None and r["kl"] >= 0 and 0 <= r["clip_frac"] <= 1
-        assert 1 <= r["completion_len"] <= 12 and r["path_depth"] >= 1
-    assert steps[0]["kl"] == pytest.approx(0, abs=1e-9)  # before any update, policy = reference
-    ckpt = out / "checkpoint-2"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no temp folder left
-    for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
-        assert (ckpt / name).exists()
-    state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
-    assert state["step"] == 2 and state["args"]["loss"] == loss and state["optimizer"]["state"]
-
-
-def test_resume_equals_uninterrupted_run(tiny_llama, arithmetic_jsonl, seven_reward, tmp_path):
-    # 4 steps in one go == 2 steps, then --resume to 4: metric for metric (timings aside).
-    common = ("--lr", 1e-2, "--beta", 0.04, "--updates-per-batch", 2, "--save-every", 2,
-              "--reward", "starts_with_seven:digits", "--max-new-tokens", 4)
-    run = lambda out, *extra: run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *common, *extra),
-                                      env=seven_reward)
-    run(tmp_path / "full", "--steps", 4)
-    run(tmp_path / "split", "--steps", 2)
-    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # a row of a lost step after the checkpoint
-        f.write(json.dumps({"step": 3, "reward_mean": 99.0}) + "\n")
-    run(tmp_path / "split", "--steps", 4, "--resume")
-    full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
-    strip = lambda rows: [{k: v for k, v in r.items() if k not in TIMING_KEYS} for r in rows]
-    assert len(full) == 4 and strip(full) == strip(split)
-    assert all(r["reward_std"] > 0 for r in full) and full[-1]["kl"] > 1e-6  # the policy did move
-
-
-def test_learnable_reward_rises(tiny_llama, arithmetic_jsonl, seven_reward, tmp_path):
-    # λ-GRPO must make completions that begin with "7" more frequent.
-    out = tmp_path / "run"
-    # 64 samples a step: a first "7" (about 1 in 80 at init) shows up within the first steps.
-    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 30, "--lr", 3e-2, "--group-size", 16,
-                        "--prompts-per-step", 4, "--max-new-tokens", 3, "--micro-batch-size", 64,
-                        "--reward", "starts_with_seven:reward", "--no-stop-at-boxed"), env=seven_reward)
-    rewards = [r["reward_mean"] for r in read_metrics(out)]
-    first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
-    assert last > first + 0.3, rewards
-
-
-def test_missing_field_lists_the_columns(tiny_llama, arithmetic_jsonl, tmp_path):
-    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(
-        tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--prompt-field", "problem"))],
-        cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0
-    assert "problem" in proc.stderr and "['question', 'answer']" in proc.stderr and "--prompt-field" in proc.stderr
-
-
-def test_eos_stays_in_the_mask_when_pad_equals_eos():
-    eos = 1
-    ids = torch.tensor([[5, 6, eos, eos, eos],   # ended: EOS then padding that is also EOS
-                        [5, eos, eos, eos, eos],
-                        [5, 6, 7, 8, 9]])        # never ended: truncated
-    mask, truncated = lgrpo.completion_mask(ids, {eos})
-    assert mask.tolist() == [[1, 1, 1, 0, 0], [1, 1, 0, 0, 0], [1, 1, 1, 1, 1]]
-    assert truncated.tolist() == [False, False, True]
-
-
-def test_sampled_completions_keep_their_eos_with_a_pad_less_tokenizer(tiny_llama):
-    # Real generate() with pad = eos: every row that ended keeps exactly one EOS in its mask.
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    tokenizer.pad_token, tokenizer.padding_side = tokenizer.eos_token, "left"
-    model = AutoModelForCausalLM.from_pretrained(tiny_llama).eval()
-    enc = tokenizer(["What is 1+2?", "Hi"], return_tensors="pt", padding=True)
-    torch.manual_seed(0)
-    eos_often = lambda input_ids, scores: scores + 3.0 * (torch.arange(scores.shape[1]) == 1)  # rows end early
-    ids = lgrpo.sample_completions(model, enc["input_ids"], enc["attention_mask"], 4, batch_size=3,
-                                   pad_token_id=1, eos_token_id=1, max_new_tokens=20,
-                                   logits_processor=[eos_often])
-    mask, truncated = lgrpo.completion_mask(ids, {1})
-    ended = ~truncated
-    assert ended.any()
-    assert ((ids == 1) & mask.bool()).sum(1)[ended].eq(1).all()        # the EOS itself is kept
-    assert ids[ended].gather(1, mask[ended].sum(1, keepdim=True) - 1).eq(1).all()  # ...as the last token
-
-
 def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
@@ -1455,80 +1570,16 @@ def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
     fired = torch.stack([stop(ids[:, :n], None) for n in range(1, ids.shape[1] + 1)], 1)
     assert fired.int().argmax(1).add(1)[[0, 2]].tolist() == [lengths[0], lengths[2]] and not fired[1].any()
 
+# ================================================================================================
+# Appendix B. Data
+# ================================================================================================
 
-@pytest.mark.parametrize("aggregation", ["token", "sequence"])
-def test_micro_batches_give_the_full_batch_update(aggregation):
-    # Gradient accumulation must reproduce the full-batch loss gradient exactly (float64, SGD).
-    ids, mask = lgrpo.pad_completions(THEOREM_LIKE_GROUP + THEOREM_LIKE_GROUP[::-1])
-    prompt = torch.full((ids.shape[0], 2), 7)
-    input_ids, attention = torch.cat([prompt, ids], 1), torch.cat([torch.ones_like(prompt), mask], 1)
-    a = lgrpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 1.0] * 2, dtype=torch.float64), 6)
-    w = lgrpo.lambda_weights(ids, mask, 6, dtype=torch.float64)
-    params = []
-    for mb in (None, 4):
-        model = lgrpo.tiny_gpt2(8, seed=0, dtype=torch.float64)
-        opt = torch.optim.SGD(model.parameters(), lr=1.0)
-        lgrpo.grpo_update(model, opt, input_ids, attention, 2, mask, a, w, micro_batch_size=mb,
-                          aggregation=aggregation, max_grad_norm=math.inf)
-        params.append(torch.cat([p.flatten() for p in model.parameters()]))
-    assert not torch.equal(params[0], torch.cat([p.flatten() for p in lgrpo.tiny_gpt2(8, seed=0).double().parameters()]))
-    torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-12)
-
-
-THEOREM_LIKE_GROUP = [[1, 2, 3, 4], [1, 2, 5, 6, 7, 3], [1, 2, 3, 4], [6, 6, 2], [6, 6, 2, 5, 1], [3, 1]]
-
-
-def test_lora_without_peft_is_a_clear_error(tiny_llama, arithmetic_jsonl, tmp_path):
-    try:
-        import peft  # noqa: F401
-        pytest.skip("peft is installed here; the error path needs it absent")
-    except ImportError:
-        pass
+def test_missing_field_lists_the_columns(tiny_llama, arithmetic_jsonl, tmp_path):
     proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(
-        tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--lora-r", 4))],
+        tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--prompt-field", "problem"))],
         cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "pip install peft" in proc.stderr
-
-
-def test_toy_with_a_pretrained_causal_lm_samples_only_L_and_R(tiny_llama):
-    # --toy-model: a saved causal LM plays the policy; every token but "L" and "R" is masked.
-    from transformers import AutoTokenizer
-    tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
-    L, R = tokenizer.convert_tokens_to_ids(["L", "R"])
-    model, start, actions = lgrpo.toy_policy(str(tiny_llama), seed=0)
-    assert actions == [L, R] and start == tokenizer.bos_token_id
-    frequency = lgrpo.toy_run(1, -1.0, "lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
-                              toy_model=str(tiny_llama))
-    assert len(frequency) == 3 and all(f in {i / 8 for i in range(9)} for f in frequency)
-    torch.manual_seed(0)
-    paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 8,
-                                     max_new_tokens=4, eos_token_id=None, logits_processor=[lgrpo.AllowTokens(actions)])
-    assert set(paths.unique().tolist()) <= {L, R}
-
-
-# =====================================================================================
-# --- tutorial notebook (issue 5): executed end to end, shrunk with LGRPO_FAST=1 ---
-# =====================================================================================
-def test_tutorial_notebook_runs_top_to_bottom(monkeypatch):
-    nbformat = pytest.importorskip("nbformat")
-    nbclient = pytest.importorskip("nbclient")
-    monkeypatch.setenv("LGRPO_FAST", "1")  # the kernel inherits it
-    nb = nbformat.read(REPO_DIR / "tutorial.ipynb", as_version=4)
-    nbclient.NotebookClient(nb, timeout=600, kernel_name="python3",
-                            resources={"metadata": {"path": str(REPO_DIR)}}).execute()  # raises on any error
-    source = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
-    assert "import lgrpo" in source and "def lambda_weights" not in source  # imports, never copies
-
-
-def test_token_logprobs_score_the_tempered_sampling_distribution():
-    # Sampling at temperature τ draws from softmax(logits / τ): the log-probs must be of that.
-    model = lgrpo.tiny_gpt2(8, seed=0, dtype=torch.float64)
-    ids = torch.tensor([[7, 7, 1, 2, 3], [7, 7, 4, 5, 6]])
-    with torch.no_grad():
-        logits = model(ids).logits[:, 1:-1] / 0.7
-        naive = torch.log_softmax(logits, -1).gather(-1, ids[:, 2:, None]).squeeze(-1)
-        got = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 2, temperature=0.7)
-    torch.testing.assert_close(got, naive, rtol=0, atol=1e-12)
+    assert proc.returncode != 0
+    assert "problem" in proc.stderr and "['question', 'answer']" in proc.stderr and "--prompt-field" in proc.stderr
 
 
 def test_prompts_use_the_chat_template_when_there_is_one(tiny_llama):
@@ -1544,30 +1595,16 @@ def test_prompts_use_the_chat_template_when_there_is_one(tiny_llama):
     chat = lgrpo.encode_prompts(tokenizer, ["Hi"], "be brief", "cpu")
     assert tokenizer.decode(chat["input_ids"][0]) == "system: be brief\nuser: Hi\nassistant: "
 
+# ================================================================================================
+# The benchmark and the tutorial
+# ================================================================================================
 
-@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
-def test_token_logprobs_chunking_changes_neither_values_nor_gradients(dtype):
-    # Chunks of one position (recomputed in backward for bf16) against a single chunk.
-    ids = torch.randint(0, 50, (3, 12), generator=torch.Generator().manual_seed(0))
-    results = []
-    for chunk_tokens in (1 << 24, 1):
-        model = lgrpo.tiny_gpt2(50, seed=0, dtype=dtype)
-        logp = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 4, temperature=0.9, chunk_tokens=chunk_tokens)
-        logp.sum().backward()
-        results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
-    (v1, g1), (v2, g2) = results
-    assert torch.equal(v1, v2)
-    for a, b in zip(g1, g2):
-        torch.testing.assert_close(a, b, rtol=0, atol=1e-12 if dtype == torch.float64 else 1e-2)
-
-
-# =====================================================================================
-# --- bench (issue 6): the smallest configuration as a smoke test, timings never asserted ---
-# =====================================================================================
 def test_bench_quick_smoke(tmp_path):
-    """`bench --quick` runs end to end and writes the three tables; timings are never asserted."""
+    """`python bench.py --quick` runs end to end and writes the three tables; timings are never asserted."""
     out = tmp_path / "out.json"
-    proc = run_cli("bench", "--quick", "--json", out)
+    proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)],
+                          cwd=REPO_DIR, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     result = json.loads(out.read_text())
     assert result["quick"] is True
     (row,) = result["process_sets"]  # --quick: G=8, T=512 on the CPU (and the GPU, when there is one)
@@ -1587,14 +1624,37 @@ def test_bench_quick_smoke(tmp_path):
         assert table in proc.stdout
 
 
-def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_llama, arithmetic_jsonl, tmp_path):
-    out = tmp_path / "run"
-    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1))
-    before = (out / "metrics.jsonl").read_text()
-    for extra, message in ((["--steps", 2], "--resume"), (["--steps", 1, "--eval-every", 1], "--eval-fraction")):
-        where = out if extra[-1] == 2 else tmp_path / "other"
-        proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(tiny_llama, arithmetic_jsonl, where,
-                                                                                *extra))],
-                              cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
-        assert proc.returncode != 0 and message in proc.stderr
-    assert (out / "metrics.jsonl").read_text() == before  # nothing was overwritten
+# A duration as the notebook prints it ("in 12 s", "0.3 s", "12.5 ms"): it changes from run to run.
+DURATION = re.compile(r"\d+(?:\.\d+)? ?m?s\b")
+
+
+def notebook_text_outputs(nb):
+    """Per code cell, the text it printed or returned, durations masked (figures left out)."""
+    texts = []
+    for cell in nb.cells:
+        if cell.cell_type != "code":
+            continue
+        text = ""
+        for output in cell.outputs:
+            if output.output_type == "stream" and output.name == "stdout":
+                text += output.text
+            elif output.output_type == "execute_result" and "text/plain" in output.data:
+                text += output.data["text/plain"]
+        texts.append(DURATION.sub("<duration>", text))
+    return texts
+
+
+def test_tutorial_runs_and_its_stored_outputs_are_current():
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    stored = nbformat.read(REPO_DIR / "tutorial.ipynb", as_version=4)
+    source = "\n".join(c.source for c in stored.cells if c.cell_type == "code")
+    # It imports lgrpo, never copies it, and calls only public names.
+    assert "import lgrpo" in source and "def lambda_weights" not in source
+    assert not re.search(r"lgrpo\._", source)
+    fresh = nbformat.read(REPO_DIR / "tutorial.ipynb", as_version=4)
+    nbclient.NotebookClient(fresh, timeout=900, kernel_name="python3",
+                            resources={"metadata": {"path": str(REPO_DIR)}}).execute()
+    for i, (was, now) in enumerate(zip(notebook_text_outputs(stored),
+                                       notebook_text_outputs(fresh))):
+        assert was == now, f"code cell {i} of tutorial.ipynb is stale: re-execute and commit it"

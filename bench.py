@@ -1,0 +1,355 @@
+"""What λ-GRPO costs: the benchmark behind the README's tables (`python bench.py`).
+
+  1. Process sets: `process_set_sizes` and `lambda_weights` against a recursive Python trie.
+  2. A training step of `lgrpo.py train`, GRPO against λ-GRPO, split into its phases.
+  3. Peak memory of the sampled tokens' log-probs: `token_logprobs` against the naive form.
+
+Timings are printed and written with --json, never asserted: the test suite runs `--quick` as a
+smoke test only.
+"""
+
+import argparse
+import json
+import multiprocessing
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+
+import lgrpo
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 1. Process sets against a Python trie
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def python_trie_sizes(completion_ids, completion_mask):
+    """The baseline, the slow obvious way: |λ^(i,t)| for one group from a dict-of-children trie.
+
+    Walk each completion token by token, counting the completions that pass through each node;
+    once all are in, read each token's node count.
+    """
+    root, paths = {}, []
+    for ids, n in zip(completion_ids.tolist(), completion_mask.sum(1).tolist()):
+        node, path = root, []
+        for token in ids[:n]:
+            child = node.get(token)
+            if child is None:
+                child = node[token] = [0, {}]  # [completions through this node, children]
+            child[0] += 1
+            path.append(child)
+            node = child[1]
+        paths.append(path)
+    T = completion_ids.shape[1]
+    rows = [[c[0] for c in path] + [0] * (T - len(path)) for path in paths]
+    return torch.tensor(rows, dtype=torch.long)
+
+
+def bench_group(G, T, generator, skew=1.0, vocab=32000):
+    """G random completions that overlap like real ones.
+
+    Completion i copies a prefix of a random earlier one, u**skew of their common length (u
+    uniform; skew < 1: longer shared prefixes), then goes on with random tokens. Lengths are random
+    in [T/4, T], right-padded; the first fills T and the last repeats it (identical completions
+    are separate members).
+    """
+    lengths = torch.randint(T // 4, T + 1, (G,), generator=generator)
+    lengths[0] = T
+    ids = torch.randint(1, vocab, (G, T), generator=generator)
+    for i in range(1, G):
+        j = torch.randint(i, (1,), generator=generator).item()
+        n = int(min(lengths[i], lengths[j]) * torch.rand(1, generator=generator).item() ** skew)
+        ids[i, :n] = ids[j, :n]
+    ids[-1], lengths[-1] = ids[0], lengths[0]
+    mask = (torch.arange(T) < lengths[:, None]).long()
+    return ids * mask, mask
+
+
+def sync(device):
+    if device.type == "cuda":  # kernels run asynchronously: a timer must read finished work
+        torch.cuda.synchronize(device)
+
+
+def timed_ms(fn, device, repeats):
+    """Median wall time of fn() over `repeats` calls, in milliseconds."""
+    times = []
+    for _ in range(repeats):
+        sync(device)
+        t0 = time.perf_counter()
+        fn()
+        sync(device)
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
+
+
+def device_name(device):
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    return f"CPU ({torch.get_num_threads()} threads)"
+
+
+def ms_per_group(fn, groups, G, device, repeats):
+    """Median time of fn over all `groups`, divided by their number."""
+    def all_groups():
+        for ids, mask in groups:
+            fn(ids, mask, G)
+    return timed_ms(all_groups, device, repeats) / len(groups)
+
+
+def bench_process_sets(devices, shapes, repeats):
+    """ms per group of process_set_sizes and lambda_weights, and of the Python trie, on three
+    groups per shape (short, medium and long shared prefixes). Every answer is checked first."""
+    generator, rows = torch.Generator().manual_seed(0), []
+    for G, T in shapes:
+        groups = [bench_group(G, T, generator, skew) for skew in (3.0, 1.0, 0.25)]
+        trie_ms = []
+        for ids, mask in groups:  # one run per group: the trie takes seconds at G=64, T=8192
+            t0 = time.perf_counter()
+            expected = python_trie_sizes(ids, mask)
+            trie_ms.append((time.perf_counter() - t0) * 1e3)
+            for device in devices:  # a bench that compares different answers means nothing
+                got = lgrpo.process_set_sizes(ids.to(device), mask.to(device), G).cpu()
+                if not torch.equal(got, expected):
+                    raise AssertionError(f"process_set_sizes disagrees with the trie, G={G}, T={T}")
+        for device in devices:
+            on = [(ids.to(device), mask.to(device)) for ids, mask in groups]
+            ours = ms_per_group(lgrpo.process_set_sizes, on, G, device, repeats)
+            weights = ms_per_group(lgrpo.lambda_weights, on, G, device, repeats)
+            trie = statistics.median(trie_ms)
+            rows.append({"device": device_name(device), "G": G, "T": T,
+                         "process_set_sizes_ms": ours, "lambda_weights_ms": weights,
+                         "python_trie_cpu_ms": trie, "trie_over_ours": trie / ours})
+    return rows
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 2. A training step, GRPO against λ-GRPO
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def bench_model(device, quick, tokenizer):
+    """Qwen2.5-0.5B's shape in bf16 on a GPU, else the tiny Llama; random init, no download."""
+    if device.type != "cuda" or quick:
+        return lgrpo.tiny_llama(tokenizer, max_positions=512)
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+    config = Qwen2Config(vocab_size=151936, hidden_size=896, intermediate_size=4864,
+                         num_hidden_layers=24, num_attention_heads=14, num_key_value_heads=2,
+                         max_position_embeddings=32768, rope_theta=1e6, tie_word_embeddings=True,
+                         bos_token_id=0, eos_token_id=1)
+    torch.manual_seed(0)
+    with torch.device(device):
+        return Qwen2ForCausalLM(config).to(torch.bfloat16)
+
+
+def step_seconds(row):
+    return row["time_gen"] + row["time_score"] + row["time_update"]
+
+
+def bench_train_step(args, device, workdir):
+    """GRPO against λ-GRPO through lgrpo's own `train`, same seed, same batches.
+
+    EOS is suppressed, so every completion is full length. No completion can reach the answer, so
+    every reward is 0: the weights never move and both losses see the same batch at every step,
+    while a step still does all of a real step's work (a zero advantage is multiplied, not
+    skipped).
+    """
+    tokenizer = lgrpo.char_tokenizer()
+    model = bench_model(device, args.quick, tokenizer)
+    big = model.config.model_type != "llama"
+    G, prompts = 8, 4
+    new_tokens = 16 if args.quick else 512 if big else 64
+    steps = 2 if args.quick else max(2, args.steps)  # step 1 is warm-up, never reported
+    model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+    path, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    model_type = model.config.model_type
+    del model
+    with open(data, "w") as f:
+        for i in range(prompts):
+            row = {"question": f"What is {i}+{i + 1}?", "answer": "#### never"}
+            f.write(json.dumps(row) + "\n")
+    runs = {"grpo": [], "lambda": []}
+    # ABBA order: a later run in the same process tends to be slower; this cancels a linear drift.
+    for i, loss in enumerate(("grpo", "lambda", "lambda", "grpo")):
+        out = os.path.join(workdir, f"{loss}-{i}")
+        lgrpo.main(["train", "--model", path, "--dataset", data, "--output-dir", out,
+                    "--loss", loss, "--seed", "0", "--group-size", str(G),
+                    "--prompts-per-step", str(prompts), "--max-new-tokens", str(new_tokens),
+                    "--steps", str(steps), "--beta", "0.04", "--no-stop-at-boxed"])
+        with open(os.path.join(out, "metrics.jsonl")) as f:
+            runs[loss] += [json.loads(line) for line in f][1:]  # the first step warms up
+    rows = []
+    for loss, measured in runs.items():
+        row = {"loss": loss}
+        for key in ("time_gen", "time_score", "time_update"):
+            row[key] = statistics.median(r[key] for r in measured)
+        row["step_s"] = statistics.median(step_seconds(r) for r in measured)
+        for key in ("tokens_per_s", "peak_mem_mb"):
+            row[key] = statistics.median(r[key] for r in measured)
+        rows.append(row)
+    # Paired: the same batch, so the ratio of each pair is the cost of λ-GRPO alone.
+    ratios = [step_seconds(l) / step_seconds(g) for g, l in zip(runs["grpo"], runs["lambda"])]
+    # λ-GRPO's own work, timed alone: the weights of one step's [P·G, T] completions.
+    generator = torch.Generator().manual_seed(1)
+    groups = [bench_group(G, new_tokens, generator) for _ in range(prompts)]
+    ids = torch.cat([ids for ids, _ in groups]).to(device)
+    mask = torch.cat([mask for _, mask in groups]).to(device)
+    lgrpo.lambda_weights(ids, mask, G)  # warm-up
+    weights_ms = timed_ms(lambda: lgrpo.lambda_weights(ids, mask, G), device, 20)
+    return {"device": device_name(device), "model": model_type, "group_size": G,
+            "prompts": prompts, "new_tokens": new_tokens, "measured_steps": len(ratios),
+            "rows": rows,
+            "lambda_over_grpo": {"median": statistics.median(ratios), "min": min(ratios),
+                                 "max": max(ratios)},
+            "lambda_weights_ms": weights_ms,
+            "lambda_weights_share_of_step": weights_ms / 1e3 / rows[-1]["step_s"]}
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 3. Peak memory of log-probs
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def peak_rss_mb():
+    """This process's peak resident memory in MB.
+
+    VmHWM on Linux, which /proc/self/clear_refs can reset (ru_maxrss cannot, and a spawned child's
+    starts at its forking parent's peak), else ru_maxrss.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def logprob_peak_mb(variant, vocab, T, batch=1, prompt=16):
+    """Peak memory (MB) of one forward + backward through the sampled tokens' log-probs.
+
+    Above what was in use before: lgrpo's `token_logprobs` or the naive full-vocabulary
+    log_softmax, on a 1-layer bf16 Llama. Run it in a fresh process: on the CPU the gauge is the
+    process's peak RSS.
+    """
+    from transformers import LlamaConfig, LlamaForCausalLM
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    config = LlamaConfig(vocab_size=vocab, hidden_size=64, intermediate_size=128,
+                         num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                         max_position_embeddings=prompt + T, tie_word_embeddings=True)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config).to(device, torch.bfloat16)
+    ids = torch.randint(vocab, (batch, prompt + T), device=device)
+    attention = torch.ones_like(ids)
+    sync(device)
+    try:  # Linux: start the peak afresh from the current resident size
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+    before = torch.cuda.memory_allocated(device) if device.type == "cuda" else peak_rss_mb()
+    if variant == "token_logprobs":
+        logp = lgrpo.token_logprobs(model, ids, attention, prompt)
+    else:  # the same logits (`logits_to_keep`): only the log-prob step differs
+        logits = model(input_ids=ids, attention_mask=attention, logits_to_keep=T + 1).logits
+        logp = torch.log_softmax(logits[:, :-1].float(), -1)
+        logp = logp.gather(-1, ids[:, prompt:, None]).squeeze(-1)
+    logp.sum().backward()
+    sync(device)
+    if device.type == "cuda":
+        return (torch.cuda.max_memory_allocated(device) - before) / 2**20
+    return peak_rss_mb() - before
+
+
+def bench_logprob_memory(args, device):
+    """token_logprobs against the naive form, each measured in a fresh spawned process."""
+    vocab, lengths = (4096, [128]) if args.quick else (151936, [512, 2048])
+    rows = []
+    for T in lengths:
+        row = {"device": device_name(device), "vocab": vocab, "T": T, "batch": 1}
+        for variant in ("token_logprobs", "naive"):
+            with multiprocessing.get_context("spawn").Pool(1) as pool:
+                row[f"{variant}_mb"] = pool.apply(logprob_peak_mb, (variant, vocab, T))
+        # Tiny sizes (--quick on a CPU) may not move the RSS at all.
+        naive = row["naive_mb"]
+        row["ours_over_naive"] = row["token_logprobs_mb"] / naive if naive > 0 else None
+        rows.append(row)
+    return rows
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# Command line
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def format_cell(value):
+    if value is None:
+        return "-"
+    return f"{value:.4g}" if isinstance(value, float) else str(value)
+
+
+def format_table(title, rows):
+    """Rows of dicts as aligned text, one column per key; floats to 4 significant digits."""
+    cells = [list(rows[0])] + [[format_cell(v) for v in row.values()] for row in rows]
+    widths = [max(len(line[j]) for line in cells) for j in range(len(cells[0]))]
+    lines = ["  ".join(c.rjust(w) for c, w in zip(line, widths)) for line in cells]
+    return "\n".join([title] + lines)
+
+
+def build_parser():
+    p = argparse.ArgumentParser(description="Time process sets, a training step and log-prob "
+                                "memory (the README's benchmark tables).")
+    p.add_argument("--quick", action="store_true",
+                   help="smallest configuration only (G=8, T=512; 2 steps, 16 new tokens; vocab "
+                        "4096, T=128): the test suite's smoke test, under a minute on 2 CPU cores")
+    p.add_argument("--steps", type=int, default=20,
+                   help="training steps per loss; the first is warm-up and is not reported "
+                        "(--quick: 2)")
+    p.add_argument("--repeats", type=int, default=5,
+                   help="timed calls of process_set_sizes / lambda_weights per shape, median "
+                        "reported (the Python trie runs once per input, median of 3)")
+    p.add_argument("--json", default=None, help="also write the tables to this file")
+    return p
+
+
+def bench(args):
+    """The README's benchmark tables, printed and returned (and written with --json)."""
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    shapes = [(8, 512)] if args.quick else [(G, T) for G in (8, 16, 64) for T in (512, 2048, 8192)]
+    repeats = 3 if args.quick else args.repeats
+    # Other work on the machine skews CPU timings (threads wait for descheduled siblings).
+    load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+    result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load,
+              "process_sets": bench_process_sets(devices, shapes, repeats)}
+    print(format_table(f"1. ms per group, median of {repeats} repeats over 3 groups (Python trie: "
+                       f"median of 3 groups, on the CPU; load average {load} on "
+                       f"{os.cpu_count()} cores)", result["process_sets"]))
+    with tempfile.TemporaryDirectory() as workdir:
+        step = result["train_step"] = bench_train_step(args, device, workdir)
+    ratio = step["lambda_over_grpo"]
+    print("\n" + format_table(f"2. Training step in s, {step['model']} random init, "
+                              f"G={step['group_size']}, {step['prompts']} prompts, "
+                              f"{step['new_tokens']} new tokens, median of "
+                              f"{step['measured_steps']} steps ({step['device']})", step["rows"]))
+    print(f"λ-GRPO / GRPO step time: {ratio['median']:.3f} (per-step range {ratio['min']:.3f}–"
+          f"{ratio['max']:.3f}); lambda_weights alone: {step['lambda_weights_ms']:.3f} ms = "
+          f"{step['lambda_weights_share_of_step']:.4%} of a λ-GRPO step")
+    result["logprob_memory"] = bench_logprob_memory(args, device)
+    print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 logits, MB",
+                              result["logprob_memory"]))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(result, f, indent=1)
+    return result
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("TQDM_DISABLE", "1")  # the tables, not progress bars
+    bench(build_parser().parse_args())
