@@ -1072,6 +1072,98 @@ def peak_memory_mb(device):
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # 8. Scaling out with TRL
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
+#
+# `python lgrpo.py train` serves one GPU. For vLLM generation and several GPUs or nodes
+# (accelerate, DeepSpeed, FSDP), λ-GRPO runs inside TRL's GRPOTrainer: TRL's loss_type="dapo" is
+# eq. (2) with token-level aggregation, so λ-GRPO there is only the weights. TRL stays optional:
+# `lgrpo.LambdaGRPOTrainer` is built on first use, and importing lgrpo never imports trl.
+
+# TRL options that the weights would silently change. The weights reach TRL's loss through its
+# per-token loss mask, which these options also read, as a normalizer or an average.
+TRL_EXACT_SETTINGS = {  # option: (the value λ-GRPO needs, what the option does with the mask)
+    "loss_type": ("dapo", "the other loss types are not the paper's token-level sum over the "
+                  "group, or divide by the sum of the mask that carries the weights"),
+    "importance_sampling_level": ("token", "'sequence' averages log-ratios over the mask"),
+    "top_entropy_quantile": (1.0, "the entropy quantile is taken over masked entropies"),
+    "off_policy_mask_threshold": (None, "the off-policy filter averages the KL over the mask"),
+    "entropy_coef": (0.0, "the entropy bonus averages the entropy over the mask"),
+    "use_adaptive_entropy": (False, "the entropy bonus averages the entropy over the mask"),
+}
+
+
+def lambda_grpo_trainer_class():
+    """Build `LambdaGRPOTrainer`, a subclass of trl.GRPOTrainer (needs trl)."""
+    try:
+        from trl import GRPOTrainer
+    except ImportError:
+        message = "lgrpo.LambdaGRPOTrainer needs TRL: pip install 'trl>=1.16,<1.17'"
+        raise ImportError(message) from None
+
+    class LambdaGRPOTrainer(GRPOTrainer):
+        """TRL's GRPOTrainer with the λ-GRPO loss: every completion token's whole per-token term,
+        clipped surrogate and KL alike, multiplied by 1/|λ^(i,t)|, the normalizer left at the
+        token count: L_λ-GRPO = 1/Σ len · Σ_i Σ_t (P_{i,t}·a_i − D_{i,t}) / |λ^(i,t)|.
+
+        The same constructor and GRPOConfig as GRPOTrainer. Exact for loss_type="dapo" (TRL's
+        default, eq. (2)'s token-level aggregation) with any β, gradient accumulation,
+        steps_per_generation and num_iterations (μ); settings that would read the weights as a
+        mask (TRL_EXACT_SETTINGS) are refused.
+
+        The weights come from the whole generation batch, all processes' completions gathered: a
+        process holds per_device_train_batch_size × steps_per_generation rows, not always a
+        multiple of num_generations, so a group can straddle two processes.
+
+        Private TRL names this relies on (trl 1.16): the method `_generate_and_score_completions`,
+        overridden, and the "tool_mask" entry of its output, which `_compute_loss` multiplies into
+        the per-token loss mask; dapo's normalizer `num_items_in_batch` is counted before, from
+        the completion mask. So TRL's logged means over that mask (kl, entropy, clip ratios) are
+        λ-weighted here.
+        """
+
+        def __init__(self, model, reward_funcs, args=None, *more, **kwargs):
+            # Checked before TRL loads any model; args=None is TRL's default config, all exact.
+            for name, (needed, why) in TRL_EXACT_SETTINGS.items():
+                if args is not None and getattr(args, name) != needed:
+                    raise InputError(f"LambdaGRPOTrainer is exact only with {name}={needed!r} (got "
+                                     f"{getattr(args, name)!r}): {why}. Supported loss_type: "
+                                     "'dapo', TRL's default.")
+            super().__init__(model, reward_funcs, args, *more, **kwargs)
+
+        def _generate_and_score_completions(self, inputs):
+            output = super()._generate_and_score_completions(inputs)
+            weights = self.local_lambda_weights(output["completion_ids"], output["completion_mask"])
+            if weights is not None:
+                tool_mask = output.get("tool_mask")  # 0 on tool output; the weights multiply it
+                output["tool_mask"] = weights if tool_mask is None else tool_mask * weights
+            return output
+
+        def local_lambda_weights(self, completion_ids, completion_mask):
+            """1/|λ^(i,t)| for this process's rows, from the whole batch of every process; None
+            where a group is a single completion (all weights 1: nothing to change)."""
+            group_size = self.num_generations if self.model.training else self.num_generations_eval
+            if group_size < 2:
+                return None
+            accelerator = self.accelerator
+            # Each process pads to its own longest completion: pad to a common width to gather.
+            ids = accelerator.gather(accelerator.pad_across_processes(completion_ids, dim=1))
+            mask = accelerator.gather(accelerator.pad_across_processes(completion_mask, dim=1))
+            # float64: 1/3 as exact as the loss it multiplies, whether that is float32 or float64.
+            weights = lambda_weights(ids, mask, group_size, dtype=torch.float64)
+            rows, width = completion_ids.shape
+            start = accelerator.process_index * rows  # the rows TRL gave this process
+            return weights[start:start + rows, :width]
+
+    # It reads (and pickles) as lgrpo.LambdaGRPOTrainer, the name users import, not as a local.
+    LambdaGRPOTrainer.__module__, LambdaGRPOTrainer.__qualname__ = __name__, "LambdaGRPOTrainer"
+    return LambdaGRPOTrainer
+
+
+def __getattr__(name):
+    # `lgrpo.LambdaGRPOTrainer` is built when first asked for, so that only its users need trl.
+    if name == "LambdaGRPOTrainer":
+        globals()[name] = lambda_grpo_trainer_class()
+        return globals()[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
