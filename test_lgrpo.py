@@ -5,6 +5,7 @@ implementation: exact values of the worked example, brute-force oracles written 
 way, float64 gradient comparisons, and end-to-end runs of the command line on tiny models.
 """
 
+import importlib.util
 import itertools
 import json
 import math
@@ -1408,6 +1409,309 @@ def test_lora_without_peft_is_a_clear_error(tiny_llama, arithmetic_jsonl, tmp_pa
     assert proc.returncode != 0 and "pip install peft" in proc.stderr
 
 # ================================================================================================
+# 8. Scaling out with TRL: LambdaGRPOTrainer against policy_loss, in one and two processes
+# ================================================================================================
+#
+# Three prompts of one length (no left padding, so TRL, which passes no position_ids, scores the
+# positions lgrpo scores), G = 4 fixed completions each with shared prefixes, a duplicate, unequal
+# lengths, a completion that is a prefix of another and truncated rows. The 12 rows make one
+# generation batch; in two processes each holds 6, so the middle group straddles them.
+
+TRL_G = 4
+TRL_GROUPS = {  # prompt: [(completion, reward, ends with EOS)]
+    "1+1=": [("22 ok", 1.0, True), ("22 no?", 0.0, True), ("22 ok", 1.0, True), ("3", 0.0, False)],
+    "2+2=": [("44", 1.0, True), ("4 4", 0.0, True), ("45", 0.5, True), ("4", 0.0, False)],
+    "3+3=": [("six", 0.0, True), ("six?", 1.0, True), ("6", 0.5, True), ("sixty", 1.0, False)],
+}
+
+
+def trl_completion(tokenizer, text, eos):
+    return tokenizer(text, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] * eos
+
+
+def trl_fixed_rollout(prompts, trainer):
+    """TRL's rollout_func: the k-th copy of a prompt in the global batch gets its group's k-th
+    completion, whichever process holds it."""
+    from accelerate.utils import gather_object
+    tokenizer = trainer.processing_class
+    everyone = gather_object(list(prompts))
+    start = trainer.accelerator.process_index * len(prompts)
+    completions = []
+    for j, prompt in enumerate(prompts):
+        text, _, eos = TRL_GROUPS[prompt][everyone[:start + j].count(prompt)]
+        completions.append(trl_completion(tokenizer, text, eos))
+    return {"prompt_ids": [tokenizer(p)["input_ids"] for p in prompts],
+            "completion_ids": completions, "logprobs": None}
+
+
+def trl_fixed_reward(prompts, completions, **kwargs):
+    rewards = {(p, text): r for p, group in TRL_GROUPS.items() for text, r, _ in group}
+    return [rewards[p, c] for p, c in zip(prompts, completions)]
+
+
+def trl_policy(model_dir):
+    """The saved model, float64, moved a little: TRL's reference is the saved one, so KL ≠ 0."""
+    from transformers import AutoModelForCausalLM
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn(p.shape, generator=generator, dtype=p.dtype))
+    return model
+
+
+def per_process_weights_trainer():
+    """The mistake the gather prevents: λ from each process's rows alone, the part of a
+    straddling group on each process taken as a group of its own."""
+
+    class PerProcessWeights(lgrpo.LambdaGRPOTrainer):
+        def local_lambda_weights(self, completion_ids, completion_mask):
+            start = self.accelerator.process_index * completion_ids.shape[0]
+            group = (start + torch.arange(completion_ids.shape[0])) // TRL_G
+            weights = completion_mask.double()  # a lone row: its own process set, weight 1
+            for g in group.unique():
+                rows = group == g
+                if rows.sum() > 1:
+                    weights[rows] = lgrpo.lambda_weights(completion_ids[rows],
+                                                         completion_mask[rows], int(rows.sum()),
+                                                         dtype=torch.float64)
+            return weights
+
+    return PerProcessWeights
+
+
+def trl_config(out_dir, **settings):
+    from trl import GRPOConfig
+    return GRPOConfig(output_dir=str(out_dir), bf16=False, use_cpu=True, report_to="none",
+                      save_strategy="no", disable_tqdm=True, seed=0, num_generations=TRL_G,
+                      **settings)
+
+
+def trl_gradient(model_dir, out_dir, trainer_class, beta, accumulation, **settings):
+    """The gradient of the first optimizer step, averaged over processes (DDP), before clipping.
+    `settings`: GRPOConfig fields beyond the exact ones set here."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    grads = {}
+
+    class Capture(TrainerCallback):
+        def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
+            grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+
+    rows = len(TRL_GROUPS) * TRL_G // world // accumulation
+    # scale_rewards="none": TRL's advantages r − mean(r) are then exact in its float32.
+    exact = {"use_bias_correction_kl": False, "scale_rewards": "none", **settings}
+    config = trl_config(out_dir, per_device_train_batch_size=rows,
+                        gradient_accumulation_steps=accumulation, beta=beta, max_steps=1,
+                        max_grad_norm=0.0, gradient_checkpointing=False, **exact)
+    trainer_class(model=trl_policy(model_dir), reward_funcs=trl_fixed_reward, args=config,
+                  train_dataset=Dataset.from_dict({"prompt": list(TRL_GROUPS)}),
+                  rollout_func=trl_fixed_rollout, callbacks=[Capture()]).train()
+    return grads
+
+
+def trl_digit_reward(completions, **kwargs):
+    return [sum(c.isdigit() for c in text) / 8 for text in completions]
+
+
+def trl_train_with_generation(model_dir, out_dir):
+    """Two steps of trainer.train() with real sampling, 2 rows per process: groups straddle."""
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM
+    config = trl_config(out_dir, per_device_train_batch_size=2, max_completion_length=8, beta=0.04,
+                        learning_rate=1e-2, max_steps=2, logging_steps=1)
+    trainer = lgrpo.LambdaGRPOTrainer(model=str(model_dir), reward_funcs=trl_digit_reward,
+                                      args=config,
+                                      train_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2="]}))
+    trainer.train()
+    before = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
+    after = trainer.model.state_dict()
+    return {"losses": [row["loss"] for row in trainer.state.log_history if "loss" in row],
+            "moved": max((after[n].float() - before[n]).abs().max().item() for n in before),
+            "checksum": sum(p.double().sum().item() for p in after.values())}
+
+
+def trl_worker(model_dir, out_dir):
+    """One process of the multi-process tests, started as `python test_lgrpo.py MODEL OUT`."""
+    from trl import GRPOTrainer
+    rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+    runs = {(beta, accumulation): trl_gradient(model_dir, out_dir, lgrpo.LambdaGRPOTrainer,
+                                               beta=beta, accumulation=accumulation)
+            for beta in (0.0, 0.04) for accumulation in (1, 2)}
+    if world == 1:  # TRL's own conventions, against lgrpo's
+        runs["GRPOTrainer"] = trl_gradient(model_dir, out_dir, GRPOTrainer, beta=0.04,
+                                           accumulation=1)
+        runs["bias-corrected KL"] = trl_gradient(model_dir, out_dir, lgrpo.LambdaGRPOTrainer,
+                                                 beta=0.04, accumulation=1,
+                                                 use_bias_correction_kl=True)
+    else:
+        runs["per process"] = trl_gradient(model_dir, out_dir, per_process_weights_trainer(),
+                                           beta=0.04, accumulation=1)
+        train = trl_train_with_generation(model_dir, out_dir)
+        Path(out_dir, f"train-{rank}.json").write_text(json.dumps(train))
+    if rank == 0:
+        torch.save(runs, Path(out_dir, "gradients.pt"))
+
+
+@pytest.fixture(scope="module")
+def trl_runs(tmp_path_factory):
+    """The workers' gradients in 1 and 2 processes (gloo on the CPU), and the saved model."""
+    pytest.importorskip("trl")
+    model_dir = tmp_path_factory.mktemp("trl-model")
+    tokenizer = lgrpo.char_tokenizer()
+    lgrpo.tiny_llama(tokenizer).save_pretrained(model_dir)
+    tokenizer.save_pretrained(model_dir)
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "TRL_EXPERIMENTAL_SILENCE": "1",
+           "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1"}
+    runs = {}
+    for world in (1, 2):
+        out = tmp_path_factory.mktemp(f"trl-{world}")
+        launch = ([sys.executable] if world == 1 else
+                  [sys.executable, "-m", "torch.distributed.run", "--standalone",
+                   f"--nproc_per_node={world}"])
+        proc = subprocess.run([*launch, "test_lgrpo.py", str(model_dir), str(out)], cwd=REPO_DIR,
+                              capture_output=True, text=True, timeout=600, env=env)
+        assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+        runs[world] = torch.load(out / "gradients.pt"), out
+    return model_dir, runs
+
+
+def policy_loss_gradient(model_dir, beta, weighted=True):
+    """The gradient of lgrpo's policy_loss on the 12 rows, with weights=lambda_weights(...)
+    (λ-GRPO) or without (GRPO)."""
+    from transformers import AutoModelForCausalLM
+    tokenizer = lgrpo.char_tokenizer()
+    model = trl_policy(model_dir)
+    reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
+    prompts = torch.tensor([tokenizer(p)["input_ids"] for p in TRL_GROUPS for _ in range(TRL_G)])
+    ids, mask = lgrpo.pad_completions([trl_completion(tokenizer, text, eos)
+                                       for group in TRL_GROUPS.values() for text, _, eos in group])
+    rewards = torch.tensor([[r for _, r, _ in group] for group in TRL_GROUPS.values()],
+                           dtype=torch.float64)
+    advantages = (rewards - rewards.mean(1, keepdim=True)).flatten()
+    input_ids = torch.cat([prompts, ids], 1)
+    attention = torch.cat([torch.ones_like(prompts), mask], 1)
+    logp = lgrpo.token_logprobs(model, input_ids, attention, prompts.shape[1])
+    with torch.no_grad():
+        ref_logp = lgrpo.token_logprobs(reference, input_ids, attention, prompts.shape[1])
+    weights = lgrpo.lambda_weights(ids, mask, TRL_G, dtype=torch.float64) if weighted else None
+    lgrpo.policy_loss(logp, logp.detach(), ref_logp, advantages, mask, weights=weights,
+                      beta=beta).backward()
+    return {n: p.grad for n, p in model.named_parameters()}
+
+
+def max_gradient_difference(grads, expected):
+    """max |Δ| over all parameters, relative to the largest expected entry."""
+    scale = max(g.abs().max().item() for g in expected.values())
+    return max((grads[n] - g).abs().max().item() for n, g in expected.items()) / scale
+
+
+@pytest.mark.parametrize("world", [1, 2])
+def test_lambda_grpo_trainer_gradient_equals_policy_loss_on_the_global_batch(trl_runs, world):
+    """DDP averages the processes' gradients; with the weights from the gathered batch that
+    average is the gradient of lgrpo's λ-GRPO loss on all 12 rows, for β = 0 and 0.04 and
+    gradient accumulation 1 and 2. TRL computes log-probs in float32 (its fused LM head), so
+    float64 models agree to float32 precision, about 1e-7 relative."""
+    model_dir, runs = trl_runs
+    grads, _ = runs[world]
+    for beta in (0.0, 0.04):
+        expected = policy_loss_gradient(model_dir, beta)
+        for accumulation in (1, 2):
+            difference = max_gradient_difference(grads[beta, accumulation], expected)
+            print(f"LambdaGRPOTrainer, {world} process(es), β={beta}, GA={accumulation}: "
+                  f"max|Δ∇|/max|∇| = {difference:.1e}")
+            assert difference < 1e-5
+
+
+def test_weights_computed_per_process_give_another_gradient(trl_runs):
+    """The test above catches the mistake: weights from each process's rows alone miss the
+    members of the straddling group on the other process."""
+    model_dir, runs = trl_runs
+    grads, _ = runs[2]
+    expected = policy_loss_gradient(model_dir, 0.04)
+    difference = max_gradient_difference(grads["per process"], expected)
+    print(f"weights per process, 2 processes, β=0.04, GA=1: max|Δ∇|/max|∇| = {difference:.2f}")
+    assert difference > 0.1
+
+
+def test_grpo_trainer_equals_policy_loss_without_weights(trl_runs):
+    """The floor of the comparisons is TRL's, not the weights': GRPOTrainer against lgrpo's GRPO
+    loss differs by as much (float32 log-probs); λ-GRPO against GRPO by far more."""
+    model_dir, runs = trl_runs
+    grads, _ = runs[1]
+    grpo = policy_loss_gradient(model_dir, 0.04, weighted=False)
+    difference = max_gradient_difference(grads["GRPOTrainer"], grpo)
+    weights_effect = max_gradient_difference(policy_loss_gradient(model_dir, 0.04), grpo)
+    print(f"GRPOTrainer vs policy_loss(weights=None), β=0.04: {difference:.1e}; "
+          f"λ-GRPO vs GRPO: {weights_effect:.2f}")
+    assert difference < 1e-5 and weights_effect > 0.1
+
+
+def test_trl_default_bias_corrected_kl_changes_the_gradient(trl_runs):
+    """TRL's default use_bias_correction_kl=True multiplies the k3 KL by the ratio P: equal in
+    value at μ = 1, but the gradient gains β·k3·∇log π."""
+    model_dir, runs = trl_runs
+    grads, _ = runs[1]
+    difference = max_gradient_difference(grads["bias-corrected KL"],
+                                         policy_loss_gradient(model_dir, 0.04))
+    print(f"use_bias_correction_kl=True, β=0.04: max|Δ∇|/max|∇| = {difference:.1e}")
+    assert difference > 1e-3
+
+
+def test_left_padding_without_position_ids_moves_absolute_positions_only():
+    """TRL's forward passes no position_ids: a left-padded prompt then shifts every position.
+    GPT-2's absolute position embeddings see other positions than at sampling; Llama's rotary
+    ones see only differences, which the shift leaves alone."""
+    tokenizer = lgrpo.char_tokenizer()
+    prompts = [tokenizer(p)["input_ids"] for p in ("What is 1+1?", "2+2=?")]
+    completion = tokenizer("  4 or so", add_special_tokens=False)["input_ids"]
+    P = max(map(len, prompts))
+    ids = torch.tensor([[0] * (P - len(p)) + p + completion for p in prompts])
+    attention = torch.tensor([[0] * (P - len(p)) + [1] * (len(p) + len(completion))
+                              for p in prompts])
+    shift = {}
+    for name, model in (("gpt2", lgrpo.tiny_gpt2(len(tokenizer), dtype=torch.float64)),
+                        ("llama", lgrpo.tiny_llama(tokenizer).double().eval())):
+        right = lgrpo.token_logprobs(model, ids, attention, P)
+        logits = model(input_ids=ids, attention_mask=attention).logits[:, P - 1:-1]
+        unpositioned = logits.log_softmax(-1).gather(-1, ids[:, P:, None]).squeeze(-1)
+        shift[name] = (right - unpositioned).abs().max().item()
+    print(f"max |Δ log π| per token without position_ids: GPT-2 {shift['gpt2']:.2f}, "
+          f"Llama {shift['llama']:.0e}")
+    assert shift["gpt2"] > 1e-2 and shift["llama"] < 1e-8
+
+
+def test_two_process_training_with_generation(trl_runs):
+    _, runs = trl_runs
+    _, out = runs[2]
+    ranks = [json.loads(Path(out, f"train-{rank}.json").read_text()) for rank in (0, 1)]
+    for run in ranks:
+        assert len(run["losses"]) == 2 and all(math.isfinite(x) for x in run["losses"])
+        assert run["moved"] > 1e-4
+    assert ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP: one model on both processes
+
+
+@pytest.mark.parametrize("setting", [{"loss_type": "grpo"}, {"loss_type": "bnpo"},
+                                     {"importance_sampling_level": "sequence"},
+                                     {"top_entropy_quantile": 0.2}, {"entropy_coef": 0.01}])
+def test_lambda_grpo_trainer_refuses_settings_that_read_the_weights_as_a_mask(tmp_path, setting):
+    pytest.importorskip("trl")
+    name = next(iter(setting))
+    with pytest.raises(lgrpo.InputError, match=f"exact only with {name}=.*'dapo'"):
+        lgrpo.LambdaGRPOTrainer(model="never-loaded", reward_funcs=trl_digit_reward,
+                                args=trl_config(tmp_path, **setting))
+
+
+def test_importing_lgrpo_never_needs_trl():
+    code = ("import sys; sys.modules['trl'] = None; import lgrpo\n"
+            "try:\n    lgrpo.LambdaGRPOTrainer\nexcept ImportError as e:\n    print(e)")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0 and "pip install 'trl" in proc.stdout, proc.stderr[-3000:]
+
+
+# ================================================================================================
 # Appendix A. Answer checking
 # ================================================================================================
 
@@ -1622,6 +1926,14 @@ def test_bench_quick_smoke(tmp_path):
     assert (mem["vocab"], mem["T"]) == (4096, 128)
     for table in ("1. ms per group", "2. Training step", "3. Peak memory"):
         assert table in proc.stdout
+    if importlib.util.find_spec("trl"):  # table 4, lgrpo against TRL, needs trl
+        rows = result["trl_step"]["rows"]
+        assert [(r["run"], r["loss"], r["trl_checkpointing"]) for r in rows] == [
+            ("lgrpo train", "grpo", "-"), ("lgrpo train", "lambda", "-"),
+            ("GRPOTrainer", "grpo", "on"), ("LambdaGRPOTrainer", "lambda", "on"),
+            ("GRPOTrainer", "grpo", "off"), ("LambdaGRPOTrainer", "lambda", "off")]
+        assert all(r["step_s"] > 0 for r in rows) and rows[3]["weights_share"] > 0
+        assert "4. Training step in s, lgrpo against TRL" in proc.stdout
 
 
 # A duration as the notebook prints it ("in 12 s", "0.3 s", "12.5 ms"): it changes from run to run.
@@ -1658,3 +1970,7 @@ def test_tutorial_runs_and_its_stored_outputs_are_current():
     for i, (was, now) in enumerate(zip(notebook_text_outputs(stored),
                                        notebook_text_outputs(fresh))):
         assert was == now, f"code cell {i} of tutorial.ipynb is stale: re-execute and commit it"
+
+
+if __name__ == "__main__":  # a worker process of section 8's tests
+    trl_worker(*sys.argv[1:])
