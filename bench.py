@@ -3,6 +3,8 @@
   1. Process sets: `process_set_sizes` and `lambda_weights` against a recursive Python trie.
   2. A training step of `lgrpo.py train`, GRPO against λ-GRPO, split into its phases.
   3. Peak memory of the sampled tokens' log-probs: `token_logprobs` against the naive form.
+  4. When trl is installed: a step of `lgrpo.py train` against TRL's GRPOTrainer and
+     `lgrpo.LambdaGRPOTrainer`, TRL's gradient checkpointing on and off.
 
 Timings are printed and written with --json, never asserted: the test suite runs `--quick` as a
 smoke test only.
@@ -148,6 +150,30 @@ def step_seconds(row):
     return row["time_gen"] + row["time_score"] + row["time_update"]
 
 
+def save_model_and_data(model, tokenizer, workdir, prompts):
+    """The model with EOS suppressed (every completion full length) and `prompts` problems no
+    completion can answer (every reward 0), saved for `lgrpo.py train` and TRL alike."""
+    model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
+    path, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    with open(data, "w") as f:
+        for i in range(prompts):
+            row = {"question": f"What is {i}+{i + 1}?", "answer": "#### never"}
+            f.write(json.dumps(row) + "\n")
+    return path, data
+
+
+def lgrpo_train_steps(path, data, out, loss, group_size, prompts, new_tokens, steps):
+    """`python lgrpo.py train` with β = 0.04 and its other defaults; its metrics, step by step."""
+    lgrpo.main(["train", "--model", path, "--dataset", data, "--output-dir", out,
+                "--loss", loss, "--seed", "0", "--group-size", str(group_size),
+                "--prompts-per-step", str(prompts), "--max-new-tokens", str(new_tokens),
+                "--steps", str(steps), "--beta", "0.04", "--no-stop-at-boxed"])
+    with open(os.path.join(out, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
 def bench_train_step(args, device, workdir):
     """GRPO against λ-GRPO through lgrpo's own `train`, same seed, same batches.
 
@@ -162,26 +188,16 @@ def bench_train_step(args, device, workdir):
     G, prompts = 8, 4
     new_tokens = 16 if args.quick else 512 if big else 64
     steps = 2 if args.quick else max(2, args.steps)  # step 1 is warm-up, never reported
-    model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
-    path, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
-    model.save_pretrained(path)
-    tokenizer.save_pretrained(path)
     model_type = model.config.model_type
+    path, data = save_model_and_data(model, tokenizer, workdir, prompts)
     del model
-    with open(data, "w") as f:
-        for i in range(prompts):
-            row = {"question": f"What is {i}+{i + 1}?", "answer": "#### never"}
-            f.write(json.dumps(row) + "\n")
     runs = {"grpo": [], "lambda": []}
     # ABBA order: a later run in the same process tends to be slower; this cancels a linear drift.
     for i, loss in enumerate(("grpo", "lambda", "lambda", "grpo")):
         out = os.path.join(workdir, f"{loss}-{i}")
-        lgrpo.main(["train", "--model", path, "--dataset", data, "--output-dir", out,
-                    "--loss", loss, "--seed", "0", "--group-size", str(G),
-                    "--prompts-per-step", str(prompts), "--max-new-tokens", str(new_tokens),
-                    "--steps", str(steps), "--beta", "0.04", "--no-stop-at-boxed"])
-        with open(os.path.join(out, "metrics.jsonl")) as f:
-            runs[loss] += [json.loads(line) for line in f][1:]  # the first step warms up
+        metrics = lgrpo_train_steps(path, data, out, loss, group_size=G, prompts=prompts,
+                                    new_tokens=new_tokens, steps=steps)
+        runs[loss] += metrics[1:]  # the first step warms up
     rows = []
     for loss, measured in runs.items():
         row = {"loss": loss}
@@ -284,6 +300,112 @@ def bench_logprob_memory(args, device):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 4. lgrpo against TRL
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def zero_reward(completions, **kwargs):
+    """TRL's reward function for the bench: no completion can reach the answer, as in table 2."""
+    return [0.0] * len(completions)
+
+
+def trl_train_steps(path, prompts, out, trainer_class, settings):
+    """Seconds per optimizer step of a TRL trainer, and the seconds of each step spent on the λ
+    weights (0 for GRPOTrainer). A step is timed from the callback before its first micro-batch
+    (TRL generates there) to the one after the optimizer step."""
+    from datasets import Dataset
+    from transformers import TrainerCallback
+    from trl import GRPOConfig
+    step_s, weights_s = [], []
+
+    class Clock(TrainerCallback):
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.start = time.perf_counter()
+            weights_s.append(0.0)
+
+        def on_step_end(self, args, state, control, **kwargs):
+            step_s.append(time.perf_counter() - self.start)
+
+    class Timed(trainer_class):  # only LambdaGRPOTrainer calls local_lambda_weights
+        def local_lambda_weights(self, completion_ids, completion_mask):
+            start = time.perf_counter()
+            weights = super().local_lambda_weights(completion_ids, completion_mask)
+            weights_s[-1] += time.perf_counter() - start
+            return weights
+
+    config = GRPOConfig(output_dir=out, report_to="none", save_strategy="no", disable_tqdm=True,
+                        logging_steps=10**6, seed=0, **settings)
+    trainer = Timed(model=path, reward_funcs=zero_reward, args=config, callbacks=[Clock()],
+                    train_dataset=Dataset.from_dict({"prompt": prompts}))
+    trainer.train()
+    return step_s, weights_s
+
+
+def bench_trl(args, device, workdir):
+    """Seconds per step: `lgrpo.py train` (GRPO, λ-GRPO) against TRL's GRPOTrainer and
+    LambdaGRPOTrainer, TRL's gradient checkpointing on (its default) and off.
+
+    The same tiny float32 Llama, prompts and settings for all: G = 8, 4 prompts, EOS suppressed
+    (every completion full length), β = 0.04, temperature 0.75, micro-batches of 4 (TRL: 4 rows
+    per device, 8 accumulation steps, one generation per step), lr 1e-6, every reward 0 as in
+    table 2. The six runs go in one order and then back (ABC…CBA) to cancel a drift.
+    """
+    from trl import GRPOTrainer
+    tokenizer = lgrpo.char_tokenizer()
+    G, prompts = 8, 4
+    new_tokens = 16 if args.quick else 64
+    steps = 2 if args.quick else max(2, args.steps)  # step 1 is warm-up, never reported
+    path, data = save_model_and_data(lgrpo.tiny_llama(tokenizer, max_positions=512), tokenizer,
+                                     workdir, prompts)
+    # TRL gets the very prompt text that lgrpo's train encodes.
+    with open(data) as f:
+        questions = [json.loads(line)["question"] for line in f]
+    tokenizer.pad_token = tokenizer.eos_token
+    encoded = lgrpo.encode_prompts(tokenizer, questions, lgrpo.SYSTEM_PROMPT, "cpu")
+    texts = tokenizer.batch_decode(encoded["input_ids"], skip_special_tokens=True)
+    trl_settings = dict(per_device_train_batch_size=4, gradient_accumulation_steps=G * prompts // 4,
+                        num_generations=G, max_completion_length=new_tokens, temperature=0.75,
+                        beta=0.04, learning_rate=1e-6, max_steps=steps, bf16=False,
+                        use_cpu=device.type != "cuda",
+                        generation_kwargs={"suppress_tokens": [tokenizer.eos_token_id]})
+    runs = [("lgrpo train", "grpo", None), ("lgrpo train", "lambda", None)]
+    for checkpointing in (True, False):
+        runs += [("GRPOTrainer", "grpo", checkpointing),
+                 ("LambdaGRPOTrainer", "lambda", checkpointing)]
+    order = runs if args.quick else runs + runs[::-1]
+    measured = {run: ([], []) for run in runs}
+    for i, run in enumerate(order):
+        name, loss, checkpointing = run
+        out = os.path.join(workdir, f"trl-{i}")
+        if checkpointing is None:
+            metrics = lgrpo_train_steps(path, data, out, loss, group_size=G, prompts=prompts,
+                                        new_tokens=new_tokens, steps=steps)
+            step_s, weights_s = [step_seconds(r) for r in metrics], [0.0] * len(metrics)
+        else:
+            trainer_class = GRPOTrainer if loss == "grpo" else lgrpo.LambdaGRPOTrainer
+            settings = dict(trl_settings, gradient_checkpointing=checkpointing)
+            step_s, weights_s = trl_train_steps(path, texts, out, trainer_class=trainer_class,
+                                                settings=settings)
+        measured[run][0].extend(step_s[1:])  # the first step warms up
+        measured[run][1].extend(weights_s[1:])
+    lgrpo_s = {loss: statistics.median(measured["lgrpo train", loss, None][0])
+               for loss in ("grpo", "lambda")}
+    rows = []
+    for (name, loss, checkpointing), (step_s, weights_s) in measured.items():
+        trl = checkpointing is not None
+        row = {"run": name, "loss": loss, "trl_checkpointing": "-",
+               "step_s": statistics.median(step_s), "lgrpo_over_this": None, "weights_share": None}
+        if trl:
+            row["trl_checkpointing"] = "on" if checkpointing else "off"
+            row["lgrpo_over_this"] = lgrpo_s[loss] / row["step_s"]  # the same loss in lgrpo
+        if trl and loss == "lambda":
+            row["weights_share"] = statistics.median(w / s for w, s in zip(weights_s, step_s))
+        rows.append(row)
+    return {"device": device_name(device), "group_size": G, "prompts": prompts,
+            "new_tokens": new_tokens, "measured_steps": len(measured[runs[0]][0]), "rows": rows}
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
 # Command line
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -344,6 +466,19 @@ def bench(args):
     result["logprob_memory"] = bench_logprob_memory(args, device)
     print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 logits, MB",
                               result["logprob_memory"]))
+    try:
+        import trl  # noqa: F401
+    except ImportError:
+        print("\n4. lgrpo against TRL: skipped, trl is not installed "
+              "(pip install 'trl>=1.16,<1.17')")
+    else:
+        with tempfile.TemporaryDirectory() as workdir:
+            trl_step = result["trl_step"] = bench_trl(args, device, workdir)
+        print("\n" + format_table(f"4. Training step in s, lgrpo against TRL, tiny Llama float32, "
+                                  f"G={trl_step['group_size']}, {trl_step['prompts']} prompts, "
+                                  f"{trl_step['new_tokens']} new tokens, β=0.04, median of "
+                                  f"{trl_step['measured_steps']} steps ({trl_step['device']})",
+                                  trl_step["rows"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
