@@ -1511,28 +1511,35 @@ def trl_config(out_dir, **settings):
                       **settings)
 
 
-def trl_gradient(model_dir, out_dir, trainer_class, beta, accumulation, **settings):
-    """The gradient of the first optimizer step, averaged over processes (DDP), before clipping.
-    `settings`: GRPOConfig fields beyond the exact ones set here."""
+def trl_gradient(model_dir, out_dir, trainer_class, beta, accumulation, generation_steps=1,
+                 iterations=1, **settings):
+    """The gradient before each optimizer step, averaged over processes (DDP) and over the steps
+    that use the one generation batch: `generation_steps` optimizer steps of `accumulation`
+    micro-batches cover it, `iterations` (μ) times. The learning rate is 0, so every step sees
+    the same model and the mean is the gradient of the whole batch's loss. `settings`: more
+    GRPOConfig fields."""
     from datasets import Dataset
     from transformers import TrainerCallback
     world = int(os.environ.get("WORLD_SIZE", 1))
-    grads = {}
+    steps = []
 
     class Capture(TrainerCallback):
         def on_pre_optimizer_step(self, args, state, control, model=None, **kwargs):
-            grads.update({n: p.grad.clone() for n, p in model.named_parameters()})
+            steps.append({n: p.grad.clone() for n, p in model.named_parameters()})
 
-    rows = len(TRL_GROUPS) * TRL_G // world // accumulation
+    rows = len(TRL_GROUPS) * TRL_G // world // accumulation // generation_steps
     # scale_rewards="none": TRL's advantages r − mean(r) are then exact in its float32.
     exact = {"use_bias_correction_kl": False, "scale_rewards": "none", **settings}
     config = trl_config(out_dir, per_device_train_batch_size=rows,
-                        gradient_accumulation_steps=accumulation, beta=beta, max_steps=1,
-                        max_grad_norm=0.0, gradient_checkpointing=False, **exact)
+                        gradient_accumulation_steps=accumulation,
+                        steps_per_generation=accumulation * generation_steps,
+                        num_iterations=iterations, max_steps=generation_steps * iterations,
+                        beta=beta, learning_rate=0.0, max_grad_norm=0.0,
+                        gradient_checkpointing=False, **exact)
     trainer_class(model=trl_policy(model_dir), reward_funcs=trl_fixed_reward, args=config,
                   train_dataset=Dataset.from_dict({"prompt": list(TRL_GROUPS)}),
                   rollout_func=trl_fixed_rollout, callbacks=[Capture()]).train()
-    return grads
+    return {n: sum(step[n] for step in steps) / len(steps) for n in steps[0]}
 
 
 def trl_digit_reward(completions, **kwargs):
@@ -1557,7 +1564,8 @@ def trl_train_with_generation(model_dir, out_dir):
 
 
 def trl_worker(model_dir, out_dir):
-    """One process of the multi-process tests, started as `python test_lgrpo.py MODEL OUT`."""
+    """The tests' worker: `python test_lgrpo.py MODEL OUT` (one process), or the same under
+    `python -m torch.distributed.run --nproc_per_node=2` (two, over gloo on the CPU)."""
     from trl import GRPOTrainer
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     runs = {(beta, accumulation): trl_gradient(model_dir, out_dir, lgrpo.LambdaGRPOTrainer,
@@ -1572,6 +1580,12 @@ def trl_worker(model_dir, out_dir):
     else:
         runs["per process"] = trl_gradient(model_dir, out_dir, per_process_weights_trainer(),
                                            beta=0.04, accumulation=1)
+        # Two optimizer steps per generation batch; and μ = 2 passes over it.
+        runs["steps_per_generation=2"] = trl_gradient(
+            model_dir, out_dir, lgrpo.LambdaGRPOTrainer, beta=0.04, accumulation=1,
+            generation_steps=2)
+        runs["num_iterations=2"] = trl_gradient(model_dir, out_dir, lgrpo.LambdaGRPOTrainer,
+                                                beta=0.04, accumulation=1, iterations=2)
         train = trl_train_with_generation(model_dir, out_dir)
         Path(out_dir, f"train-{rank}.json").write_text(json.dumps(train))
     if rank == 0:
@@ -1646,6 +1660,17 @@ def test_lambda_grpo_trainer_gradient_equals_policy_loss_on_the_global_batch(trl
             print(f"LambdaGRPOTrainer, {world} process(es), β={beta}, GA={accumulation}: "
                   f"max|Δ∇|/max|∇| = {difference:.1e}")
             assert difference < 1e-5
+
+
+@pytest.mark.parametrize("run", ["steps_per_generation=2", "num_iterations=2"])
+def test_lambda_grpo_trainer_over_several_steps_per_generation_batch(trl_runs, run):
+    """Two processes, β = 0.04: two optimizer steps on halves of the generation batch, or two
+    passes (μ = 2) over it, with learning rate 0; their mean gradient is the whole batch's."""
+    model_dir, runs = trl_runs
+    grads, _ = runs[2]
+    difference = max_gradient_difference(grads[run], policy_loss_gradient(model_dir, 0.04))
+    print(f"LambdaGRPOTrainer, 2 processes, β=0.04, {run}: max|Δ∇|/max|∇| = {difference:.1e}")
+    assert difference < 1e-5
 
 
 def test_weights_computed_per_process_give_another_gradient(trl_runs):
