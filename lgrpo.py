@@ -1081,8 +1081,9 @@ def peak_memory_mb(device):
 # TRL options that the weights would silently change. The weights reach TRL's loss through its
 # per-token loss mask, which these options also read, as a normalizer or an average.
 TRL_EXACT_SETTINGS = {  # option: (the value λ-GRPO needs, what the option does with the mask)
-    "loss_type": ("dapo", "the other loss types are not the paper's token-level sum over the "
-                  "group, or divide by the sum of the mask that carries the weights"),
+    "loss_type": ("dapo", "the only supported loss type, TRL's default; the others are not the "
+                  "paper's token-level sum, or divide by the sum of the mask that carries the "
+                  "weights"),
     "importance_sampling_level": ("token", "'sequence' averages log-ratios over the mask"),
     "top_entropy_quantile": (1.0, "the entropy quantile is taken over masked entropies"),
     "off_policy_mask_threshold": (None, "the off-policy filter averages the KL over the mask"),
@@ -1125,8 +1126,7 @@ def lambda_grpo_trainer_class():
             for name, (needed, why) in TRL_EXACT_SETTINGS.items():
                 if args is not None and getattr(args, name) != needed:
                     raise InputError(f"LambdaGRPOTrainer is exact only with {name}={needed!r} (got "
-                                     f"{getattr(args, name)!r}): {why}. Supported loss_type: "
-                                     "'dapo', TRL's default.")
+                                     f"{getattr(args, name)!r}): {why}.")
             super().__init__(model, reward_funcs, args, *more, **kwargs)
 
         def _generate_and_score_completions(self, inputs):

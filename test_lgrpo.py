@@ -1747,7 +1747,7 @@ def test_two_process_training_with_generation(trl_runs):
 def test_lambda_grpo_trainer_refuses_settings_that_read_the_weights_as_a_mask(tmp_path, setting):
     pytest.importorskip("trl")
     name = next(iter(setting))
-    with pytest.raises(lgrpo.InputError, match=f"exact only with {name}=.*'dapo'"):
+    with pytest.raises(lgrpo.InputError, match=f"exact only with {name}="):
         lgrpo.LambdaGRPOTrainer(model="never-loaded", reward_funcs=trl_digit_reward,
                                 args=trl_config(tmp_path, **setting))
 
