@@ -87,6 +87,11 @@ def timed_ms(fn, device, repeats):
     return statistics.median(times)
 
 
+def load_average():
+    """The 1-minute load average: other work on the machine skews CPU timings."""
+    return round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+
+
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
@@ -351,6 +356,7 @@ def bench_trl(args, device, workdir):
     table 2. The six runs go in one order and then back (ABC…CBA) to cancel a drift.
     """
     from trl import GRPOTrainer
+    load_before = load_average()
     tokenizer = lgrpo.char_tokenizer()
     G, prompts = 8, 4
     new_tokens = 16 if args.quick else 64
@@ -393,16 +399,20 @@ def bench_trl(args, device, workdir):
     rows = []
     for (name, loss, checkpointing), (step_s, weights_s) in measured.items():
         trl = checkpointing is not None
+        # The fastest step too: the one least slowed by other work on the machine.
         row = {"run": name, "loss": loss, "trl_checkpointing": "-",
-               "step_s": statistics.median(step_s), "lgrpo_over_this": None, "weights_share": None}
+               "step_s": statistics.median(step_s), "fastest_s": min(step_s),
+               "lgrpo_over_this": None, "weights_share": None}
         if trl:
             row["trl_checkpointing"] = "on" if checkpointing else "off"
             row["lgrpo_over_this"] = lgrpo_s[loss] / row["step_s"]  # the same loss in lgrpo
         if trl and loss == "lambda":
             row["weights_share"] = statistics.median(w / s for w, s in zip(weights_s, step_s))
         rows.append(row)
+    load_after = load_average()
     return {"device": device_name(device), "group_size": G, "prompts": prompts,
-            "new_tokens": new_tokens, "measured_steps": len(measured[runs[0]][0]), "rows": rows}
+            "new_tokens": new_tokens, "measured_steps": len(measured[runs[0]][0]), "rows": rows,
+            "load_average_1min": [load_before, load_after]}
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -447,7 +457,7 @@ def bench(args):
     shapes = [(8, 512)] if args.quick else [(G, T) for G in (8, 16, 64) for T in (512, 2048, 8192)]
     repeats = 3 if args.quick else args.repeats
     # Other work on the machine skews CPU timings (threads wait for descheduled siblings).
-    load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
+    load = load_average()
     result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load,
               "process_sets": bench_process_sets(devices, shapes, repeats)}
     print(format_table(f"1. ms per group, median of {repeats} repeats over 3 groups (Python trie: "
@@ -474,11 +484,12 @@ def bench(args):
     else:
         with tempfile.TemporaryDirectory() as workdir:
             trl_step = result["trl_step"] = bench_trl(args, device, workdir)
+        before, after = trl_step["load_average_1min"]
         print("\n" + format_table(f"4. Training step in s, lgrpo against TRL, tiny Llama float32, "
                                   f"G={trl_step['group_size']}, {trl_step['prompts']} prompts, "
                                   f"{trl_step['new_tokens']} new tokens, β=0.04, median of "
-                                  f"{trl_step['measured_steps']} steps ({trl_step['device']})",
-                                  trl_step["rows"]))
+                                  f"{trl_step['measured_steps']} steps ({trl_step['device']}; "
+                                  f"load average {before} → {after})", trl_step["rows"]))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
