@@ -13,6 +13,7 @@ import json
 import multiprocessing
 import os
 import statistics
+import sys
 import tempfile
 import time
 
@@ -161,7 +162,7 @@ def bench_train_step(args, device, workdir):
     big = model.config.model_type != "llama"
     G, prompts = 8, 4
     new_tokens = 16 if args.quick else 512 if big else 64
-    steps = 2 if args.quick else max(2, args.steps)  # step 1 is warm-up, never reported
+    steps = 2 if args.quick else args.steps  # step 1 is warm-up, never reported
     model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
     path, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
     model.save_pretrained(path)
@@ -345,11 +346,28 @@ def bench(args):
     print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 logits, MB",
                               result["logprob_memory"]))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        lgrpo.write_atomically(args.json, json.dumps(result, indent=1))
     return result
+
+
+BENCH_RANGES = {"steps": ("[2, inf)", "the first step is warm-up and is not reported"),
+                "repeats": ("[1, inf)", "")}
+
+
+def main(argv=None):
+    """`python bench.py`: flags checked (and the --json file tried) before anything is timed; a
+    mistake prints one line, `bench: error: ...`, and exits 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        lgrpo.check_ranges(args, BENCH_RANGES)
+        if args.json:
+            lgrpo.check_writable("--json", args.json)
+        return bench(args)
+    except lgrpo.InputError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")  # the tables, not progress bars
-    bench(build_parser().parse_args())
+    main()

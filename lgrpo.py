@@ -28,13 +28,20 @@ import dataclasses
 import importlib
 import json
 import math
+import numbers
 import os
+import pickle
 import random
 import re
 import shutil
 import sys
 import time
 from fractions import Fraction
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +50,11 @@ import torch.nn.functional as F
 class InputError(ValueError):
     """A mistake in what the user passed (flags, data, reward, paths). The command line prints it
     as one line, `lgrpo: error: ...`, without a traceback; anything else keeps its traceback."""
+
+
+def warn(message):
+    """One line on stderr, like an error's, for something the tool works around and goes on."""
+    print(f"lgrpo: warning: {message}", file=sys.stderr)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -93,12 +105,18 @@ def group_advantages(rewards, group_size, eps=1e-4):
     """Outcome advantages a_i = (r_i − mean(r)) / (std(r) + ε) within each group.
 
     The std is the sample (n−1) one, as in the paper's worked example. A group whose rewards are
-    all equal carries no signal: its advantages are exactly 0, never 0/0.
+    all equal carries no signal: its advantages are exactly 0, never 0/0. Computed in float64 and
+    returned in the rewards' dtype: finite rewards as large as 3e38 overflow a float32 sum into
+    NaN advantages, while the advantages themselves are at most (G − 1)/√G in size.
     """
-    r = check_rewards(rewards, group_size).view(-1, group_size)
+    if not eps >= 0:
+        raise ValueError(f"eps must be ≥ 0 (got {eps}): a negative ε flips the sign of every "
+                         "advantage of a group whose std is below |ε|.")
+    r = check_rewards(rewards, group_size)
+    dtype, r = r.dtype, r.double().view(-1, group_size)
     a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
     flat = (r == r[:, :1]).all(1, keepdim=True)
-    return torch.where(flat, torch.zeros_like(a), a).view(-1)
+    return torch.where(flat, torch.zeros_like(a), a).view(-1).to(dtype)
 
 
 def logprobs_of(logits, targets, temperature):
@@ -121,6 +139,9 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, temperatu
     bf16/fp16 logits each chunk is recomputed in the backward pass, so that no float32 copy of
     the full [B, T, V] logits is ever kept.
     """
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite (got {temperature}): the logits are "
+                         "divided by it; greedy decoding has no log-probs to train on.")
     B, T = input_ids.shape[0], input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -153,7 +174,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_e
     tokens divided by their number. "sequence": mean over each completion, then over completions.
     With old_logp = logp.detach(), P is 1 in value and clipping never acts (μ = 1).
     """
-    check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation)
+    check_loss_inputs(logp, old_logp, advantages, mask, weights=weights, aggregation=aggregation,
+                      clip_eps=clip_eps, beta=beta)
     A = advantages[:, None] if advantages.dim() == 1 else advantages
     ratio = torch.exp(logp - old_logp)
     loss = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
@@ -236,10 +258,16 @@ class TrieNode:
 def build_trie(completions, rewards, eps=1e-4):
     """The explicit prefix trie of one group, built the slow obvious way.
 
-    `completions` is a list of token lists. The root is the shared prompt (no tokens, not a
-    step); every other node is a maximal run of tokens shared by exactly the same completions.
-    Each node carries its Monte-Carlo step reward R̂(λ) and step advantage.
+    `completions` is a list of token lists (or 1-D tensors). The root is the shared prompt (no
+    tokens, not a step); every other node is a maximal run of tokens shared by exactly the same
+    completions. Each node carries its Monte-Carlo step reward R̂(λ) and step advantage.
     """
+    if len(rewards) != len(completions):
+        raise ValueError(f"{len(rewards)} rewards for {len(completions)} completions: give one "
+                         "reward per completion of the group.")
+    # Tokens are compared and hashed: a 0-d tensor hashes by identity, so two equal tensor tokens
+    # would never share a prefix. Read them by value.
+    completions = [[token_value(t) for t in c] for c in completions]
     rewards = check_rewards(rewards, len(completions)).double()
     advantages = group_advantages(rewards, len(completions), eps)
 
@@ -264,6 +292,16 @@ def build_trie(completions, rewards, eps=1e-4):
 
     root = TrieNode([], 0, 0, list(range(len(completions))))
     return grow(root)
+
+
+def token_value(token):
+    """A token as a hashable value: a one-element tensor becomes its number."""
+    if not torch.is_tensor(token):
+        return token
+    if token.numel() != 1:
+        raise ValueError(f"a token must be one number, got a tensor of shape {tuple(token.shape)}: "
+                         "give each completion as a list of token ids or a 1-D tensor.")
+    return token.item()
 
 
 def trie_steps(root):
@@ -293,6 +331,8 @@ def trie_stats(completion_ids, completion_mask, group_size):
     intermediate_prop: share of a completion's tokens that lie in shared steps (|λ| > 1).
     flat_frac: share of groups whose trie is flat (every |λ| = 1: the PRM is plain ORM).
     """
+    if completion_ids.shape[0] == 0:
+        raise ValueError("trie_stats needs at least one group; the batch is empty.")
     sizes = process_set_sizes(completion_ids, completion_mask, group_size)
     valid = sizes > 0
     lengths = valid.sum(1)
@@ -390,7 +430,8 @@ def check_rewards(rewards, group_size):
     return rewards
 
 
-def check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation):
+def check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation, clip_eps, beta):
+    """Shapes, the aggregation, ε and β of `policy_loss`, and a mask of 0s and 1s only."""
     if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must all be the same [B, T] shape.")
@@ -402,6 +443,17 @@ def check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation):
                          f"{tuple(weights.shape)}.")
     if aggregation not in ("token", "sequence"):
         raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}.")
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0 (got {clip_eps}): with ε ≤ 0 the clip range is "
+                         "empty or inverted; pass math.inf to turn clipping off.")
+    if not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be ≥ 0 and finite (got {beta}): a negative β rewards moving "
+                         "away from the reference model.")
+    # The mask multiplies each token's term: a 2 would count a token twice. (A host sync, but
+    # only for non-boolean masks.)
+    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"mask must hold only 0 and 1, got the values "
+                         f"{sorted(set(mask.unique().tolist()) - {0, 1})}.")
 
 
 def check_completions(completion_ids, completion_mask, group_size):
@@ -650,8 +702,18 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     (with μ = 1 it is logp itself, detached); `ref_logp` when β > 0; all three at the sampling
     `temperature`. Returns tensor statistics: the loss and clipped share averaged over the μ
     updates, the k3 KL of the sampling policy, the gradient norm before clipping.
+
+    Raises FloatingPointError, before the optimizer step and with the gradients cleared, when the
+    loss or the gradient norm is not finite: one such step would put NaN into every weight.
     """
     B = input_ids.shape[0]
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be ≥ 1 or None (got {micro_batch_size}).")
+    if updates_per_batch < 1:
+        raise ValueError(f"updates_per_batch (μ) must be ≥ 1 (got {updates_per_batch}).")
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (got {max_grad_norm}): the gradient is scaled "
+                         "to at most this norm; pass math.inf to turn clipping off.")
     mb = micro_batch_size or B
     if updates_per_batch > 1 and old_logp is None:
         raise ValueError("updates_per_batch > 1 needs old_logp, the sampling policy's log-probs.")
@@ -684,6 +746,13 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
                     stats["kl"] += (torch.exp(d) - d - 1).sum() / n_tokens
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm,
                                                             foreach=True)
+        # One host sync per optimizer step, the price of never stepping on a NaN.
+        if not torch.isfinite(stats["grad_norm"] + stats["loss"]):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"update {update + 1} of {updates_per_batch}: the loss is {float(stats['loss'])} "
+                f"and the gradient norm {float(stats['grad_norm'])}; the optimizer step was not "
+                "taken.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
@@ -800,8 +869,7 @@ def toy_sweep(args):
         result["cells"].append(cell)
     print(format_table1(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_atomically(args.json, json.dumps(result, indent=1))
     return result
 
 
@@ -857,20 +925,28 @@ def format_table1(result):
 
 
 def train(args):
-    """GRPO / λ-GRPO on a causal LM and a math dataset. Writes metrics.jsonl and checkpoints."""
+    """GRPO / λ-GRPO on a causal LM and a math dataset. Writes metrics.jsonl and checkpoints.
+
+    Everything that can be checked is checked before the model is loaded: the run folder (held
+    locked until the run ends), the reward function, the data and the prompts' length.
+    """
+    with lock_run_folder(args.output_dir):
+        resume_from = prepare_run_folder(args)
+        reward_fn = load_reward(args.reward)
+        train_rows, eval_rows = load_problems(args)
+        check_prompt_lengths(args, {"train": train_rows, "eval": eval_rows})
+        return train_in_folder(args, reward_fn=reward_fn, train_rows=train_rows,
+                               eval_rows=eval_rows, resume_from=resume_from)
+
+
+def train_in_folder(args, reward_fn, train_rows, eval_rows, resume_from):
+    """The training loop of `train`, in a checked and locked run folder."""
     from tqdm import tqdm
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    resume_from = latest_checkpoint(args) if args.resume else None
-    reward_fn = load_reward(args.reward)
-    train_rows, eval_rows = load_problems(args)
-    if args.eval_every and not eval_rows:
-        raise InputError("--eval-every needs held-out problems: pass --eval-split or "
-                         "--eval-fraction.")
     model, reference, tokenizer, optimizer = setup_training(args, device, resume_from)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    start = restore_run(args, resume_from, optimizer, metrics_path)
+    start = restore_run(resume_from, optimizer)
     eos_ids = eos_token_ids(tokenizer, model)
     G = args.group_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.loss)
@@ -898,13 +974,21 @@ def train(args):
         t2 = time.perf_counter()
         # 4. Update: μ optimizer steps on the batch.
         model.train()
-        stats = grpo_update(model, optimizer, input_ids=input_ids, attention_mask=attention,
-                            completion_start=P, completion_mask=mask, advantages=advantages,
-                            weights=weights, old_logp=old_logp, ref_logp=ref_logp,
-                            updates_per_batch=args.updates_per_batch,
-                            micro_batch_size=args.micro_batch_size, clip_eps=args.clip_eps,
-                            beta=args.beta, aggregation=args.aggregation,
-                            max_grad_norm=args.max_grad_norm, temperature=args.temperature)
+        try:
+            stats = grpo_update(model, optimizer, input_ids=input_ids, attention_mask=attention,
+                                completion_start=P, completion_mask=mask, advantages=advantages,
+                                weights=weights, old_logp=old_logp, ref_logp=ref_logp,
+                                updates_per_batch=args.updates_per_batch,
+                                micro_batch_size=args.micro_batch_size, clip_eps=args.clip_eps,
+                                beta=args.beta, aggregation=args.aggregation,
+                                max_grad_norm=args.max_grad_norm, temperature=args.temperature)
+        except FloatingPointError as error:
+            raise InputError(
+                f"step {step + 1}, {error} Nothing of this step was logged or saved; its rewards "
+                f"ranged from {rewards.min().item():g} to {rewards.max().item():g}. Fix the "
+                "reward function and --resume, or start over with a lower --lr in a new "
+                "--output-dir."
+            ) from None
         if device.type == "cuda":
             torch.cuda.synchronize()
         t3 = time.perf_counter()
@@ -1161,19 +1245,75 @@ def math_reward(completion, reference):
 
 
 def load_reward(spec):
-    """`module:function` → f(completion_text, reference) -> float; None → math_reward."""
+    """`module:function` → f(completion_text, reference) -> float, each value it returns checked
+    (`CheckedReward`); None → math_reward. The module is found as `python -m` finds one: in the
+    current folder first, then on the Python path."""
     if spec is None:
         return math_reward
-    module, _, name = spec.partition(":")
-    if not name:
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
         raise InputError(f"--reward {spec!r}: write it as module:function, e.g. "
                          "my_rewards:score.")
-    return getattr(importlib.import_module(module), name)
+    cwd = os.getcwd()
+    # Only while importing: a file in the current folder must not shadow a library imported later.
+    sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if module_name != error.name and not module_name.startswith(f"{error.name}."):
+            raise  # the module is there, but something it imports is not: keep the traceback
+        raise InputError(f"--reward {spec}: no module {module_name!r} in the current folder "
+                         f"({cwd}) or on the Python path.") from None
+    finally:
+        sys.path.remove(cwd)
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise InputError(f"--reward {spec}: {module.__file__} defines no {name!r}.")
+    if not callable(fn):
+        raise InputError(f"--reward {spec}: {name} is {shorten(fn)}, not a function "
+                         "f(completion_text, reference) -> float.")
+    return CheckedReward(fn, spec)
+
+
+class CheckedReward:
+    """A --reward function whose every value is checked as it is returned: one None, string or
+    NaN would otherwise end the run later with a traceback, or become a wrong reward."""
+
+    def __init__(self, fn, spec):
+        self.fn, self.spec = fn, spec
+
+    def __call__(self, completion, reference):
+        return check_reward_value(self.fn(completion, reference), self.spec, completion)
+
+
+def check_reward_value(value, name, completion):
+    """`value` as a float if it is a finite real number (bool, int, float, NumPy scalars), else an
+    InputError naming the reward function and the completion it scored."""
+    try:
+        number = float(value) if isinstance(value, numbers.Real) else None
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    if number is not None and math.isfinite(number):
+        return number
+    shown = shorten(value)
+    if number is None and value is not None:
+        shown = f"a {type(value).__name__}, {shown}"
+    hint = " (call .item() on a one-element tensor)" if torch.is_tensor(value) else ""
+    raise InputError(f"--reward {name} returned {shown} for the completion "
+                     f"{shorten(completion)}: a reward must be a finite real number{hint}.")
+
+
+def shorten(value, width=60):
+    """repr(value), cut to about `width` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "…"
 
 
 def compute_rewards(reward_fn, texts, references):
-    """One outcome reward per completion: reward_fn(completion_text, reference)."""
-    return torch.tensor([float(reward_fn(text, ref)) for text, ref in zip(texts, references)])
+    """One outcome reward per completion: reward_fn(completion_text, reference). In float64: a
+    finite reward beyond float32's range (3.4e38) must stay finite."""
+    return torch.tensor([float(reward_fn(text, ref)) for text, ref in zip(texts, references)],
+                        dtype=torch.float64)
 
 
 class StopWhenBoxed:
@@ -1209,20 +1349,30 @@ def boxed_lengths(tokenizer, completion_ids):
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 FIELD_GUESSES = {"prompt": ["question", "problem", "prompt"], "answer": ["answer", "solution"]}
+DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_problems(args):
-    """(train, eval) lists of (question, reference) from a hub dataset or a local file."""
+    """(train, eval) lists of (question, reference) from a hub dataset or a local file.
+
+    Refuses an empty or malformed file, an unknown split, an empty split, and rows whose
+    question or answer is missing, null or empty (they would train on the text "None").
+    """
     import datasets
-    local = os.path.splitext(args.dataset)[1].lower()
-    formats = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if os.path.exists(args.dataset):
-        if local not in formats:
+        extension = os.path.splitext(args.dataset)[1].lower()
+        if extension not in DATA_FORMATS:
             raise InputError(f"--dataset {args.dataset}: use a .jsonl, .json, .csv or .parquet "
                              "file.")
-        data = datasets.load_dataset(formats[local], data_files=args.dataset)
+        check_data_file(args.dataset)
+        data = datasets.load_dataset(DATA_FORMATS[extension], data_files=args.dataset)
     else:
         data = datasets.load_dataset(args.dataset, args.dataset_config)
+    for flag, split in (("--train-split", args.train_split), ("--eval-split", args.eval_split)):
+        if split is not None and split not in data:
+            local = " (a local file is one split, 'train'; --eval-fraction holds problems out)"
+            raise InputError(f"{flag} {split!r}: {args.dataset} has no such split; its splits "
+                             f"are {list(data)}{local if os.path.exists(args.dataset) else ''}.")
     train_split = data[args.train_split]
     columns = train_split.column_names
     fields = {}
@@ -1232,14 +1382,65 @@ def load_problems(args):
             raise InputError(f"no {kind} field {name!r} in {args.dataset}; its columns are "
                              f"{columns}: pass --{kind}-field with one of them.")
         fields[kind] = name
+    check_problem_rows(args, train_split, fields, args.train_split)
     if args.eval_split:
         evaluation = data[args.eval_split]
+        check_problem_rows(args, evaluation, fields, args.eval_split)
     elif args.eval_fraction > 0:
         parts = train_split.train_test_split(test_size=args.eval_fraction, seed=args.seed)
         train_split, evaluation = parts["train"], parts["test"]
     else:
         evaluation = train_split.select([])
     return [problem_rows(split, fields) for split in (train_split, evaluation)]
+
+
+def check_data_file(path):
+    """Refuse an empty file, and name the line of the first malformed JSON line: the datasets
+    library says only that generating the dataset failed."""
+    extension = os.path.splitext(path)[1].lower()
+    if os.path.getsize(path) == 0:
+        raise InputError(f"--dataset {path} is empty: it holds no problems.")
+    if extension not in (".json", ".jsonl"):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise InputError(f"--dataset {path} holds only blank lines: it holds no problems.")
+    errors = []  # (line, column, what): the one furthest into the file is the real one
+    if extension == ".json":  # one JSON document, or JSON lines
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError as error:
+            errors.append((error.lineno, error.colno, error.msg))
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as error:
+            errors.append((number, error.colno, error.msg))
+            break
+    else:
+        return
+    line, column, what = max(errors)
+    raise InputError(f"--dataset {path}, line {line}: not valid JSON ({what}, column {column}); "
+                     "fix or remove that line.")
+
+
+def check_problem_rows(args, split, fields, name):
+    """Refuse a split without rows, or with rows whose question is not text or is empty, or
+    whose answer is missing, null or empty, naming those rows."""
+    if len(split) == 0:
+        raise InputError(f"split {name!r} of --dataset {args.dataset} has no rows.")
+    bad = [row for row, (question, answer) in
+           enumerate(zip(split[fields["prompt"]], split[fields["answer"]]), 1)
+           if not (isinstance(question, str) and question.strip())
+           or answer is None or not str(answer).strip()]
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if bad[10:] else "")
+        raise InputError(f"--dataset {args.dataset}, split {name!r}: rows {shown} (counting from "
+                         f"1) have a missing, null or empty {fields['prompt']!r} or "
+                         f"{fields['answer']!r}; fix or remove them.")
 
 
 def problem_rows(split, fields):
@@ -1259,21 +1460,64 @@ def step_problems(problems, step, k, seed):
     return out
 
 
-def encode_prompts(tokenizer, questions, system_prompt, device):
-    """Left-padded prompt tensors: the tokenizer's chat template when it has one (it adds its own
-    special tokens), else plain text with the tokenizer's usual special tokens (BOS)."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
+def prompt_texts(tokenizer, questions, system_prompt):
+    """The prompts as text: the tokenizer's chat template when it has one (it writes its own
+    special tokens), else plain text (the tokenizer adds its usual special tokens, BOS)."""
     texts = []
     for q in questions:
-        if chat:
+        if has_chat_template(tokenizer):
             messages = [{"role": "system", "content": system_prompt},
                         {"role": "user", "content": q}]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False,
                                                        add_generation_prompt=True))
         else:
             texts.append(f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n")
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    return texts
+
+
+def has_chat_template(tokenizer):
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompts(tokenizer, questions, system_prompt, device):
+    """Left-padded prompt tensors of `prompt_texts`."""
+    encoded = tokenizer(prompt_texts(tokenizer, questions, system_prompt), return_tensors="pt",
+                        padding=True, add_special_tokens=not has_chat_template(tokenizer))
     return encoded.to(device)
+
+
+def check_prompt_lengths(args, problems):
+    """Refuse, before the model is loaded, a prompt that leaves no room for --max-new-tokens in
+    the model's positions: a model with learned positions (GPT-2) would crash mid-run with an
+    IndexError, others would read positions they were never trained on.
+
+    `problems`: {split name: [(question, reference), ...]}.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return  # the model names no limit
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    longest, where = 0, None
+    for split, rows in problems.items():
+        if not rows:
+            continue  # the tokenizer cannot take an empty batch
+        questions = [q for q, _ in rows]
+        ids = tokenizer(prompt_texts(tokenizer, questions, args.system_prompt),
+                        add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+        for row, tokens in enumerate(ids):
+            if len(tokens) > longest:
+                longest, where = len(tokens), f"{split} problem {row + 1}, {shorten(rows[row][0])}"
+    needed = longest + args.max_new_tokens
+    if needed <= limit:
+        return
+    fix = (f"lower --max-new-tokens to at most {limit - longest}, or shorten" if longest < limit
+           else "shorten")
+    raise InputError(f"the longest prompt ({where}) is {longest} tokens, system prompt included; "
+                     f"with --max-new-tokens {args.max_new_tokens} it needs {needed} positions, "
+                     f"and {args.model} has {limit}: {fix} --system-prompt or the longest "
+                     "problems.")
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # C. Runs: checkpoints and resume
@@ -1286,34 +1530,178 @@ def checkpoint_dirs(output_dir):
     return [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
 
 
-def latest_checkpoint(args):
-    """The checkpoint --resume continues from: the newest in --output-dir."""
-    found = checkpoint_dirs(args.output_dir)
-    if not found:
-        raise InputError(f"--resume: no checkpoint-N folder in {args.output_dir}; run without "
-                         "--resume to start, with --save-every N to write checkpoints.")
-    return found[-1]
+LOCK_FILE = ".lock"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+# What --resume may change: how long to train, how often to save and evaluate, how the work is
+# cut into batches for memory, and permission to run the model's code. The rest defines the run.
+RESUMABLE_FLAGS = ("steps", "save_every", "eval_every", "eval_size", "micro_batch_size",
+                   "generation_batch_size", "gradient_checkpointing", "trust_remote_code")
 
 
-def restore_run(args, resume_from, optimizer, metrics_path):
-    """The step to start from: the checkpoint's when resuming (optimizer and random state
-    restored, later metrics rows dropped), else 0, after refusing to overwrite an earlier run."""
+def lock_run_folder(output_dir):
+    """Create `output_dir` and lock it for as long as the returned file stays open (the whole
+    run): a second run into the same folder refuses at once, instead of interleaving its rows
+    with the first run's in metrics.jsonl and deleting its checkpoints."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        lock = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    except OSError as error:  # a file by that name, no permission, a read-only disk
+        raise InputError(f"--output-dir {output_dir}: cannot write there "
+                         f"({error.strerror}).") from None
+    if fcntl is None:  # Windows: no flock, no lock
+        return lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise InputError(f"--output-dir {output_dir} is in use by another run (process "
+                         f"{holder}): wait for it to end, or choose another "
+                         "--output-dir.") from None
+    except OSError as error:  # a file system without locks (some network mounts)
+        warn(f"cannot lock {output_dir} ({error.strerror}): make sure no other run writes there.")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def prepare_run_folder(args):
+    """The checkpoint to resume from, or None for a new run, after checking the (locked) folder.
+
+    A new run refuses a folder that holds an earlier run. --resume takes the newest complete
+    checkpoint, refuses flags that would change what the run is, and cuts metrics.jsonl back
+    to the checkpoint's step: later rows belong to the lost part of the run.
+    """
+    out, metrics = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
+    found = checkpoint_dirs(out)
+    if not args.resume:
+        if found:
+            raise InputError(f"{out} holds an earlier run ({os.path.basename(found[-1])}): pass "
+                             "--resume to continue it, or choose another --output-dir (nothing "
+                             "was overwritten).")
+        if os.path.exists(metrics):
+            raise InputError(f"{out} holds the metrics.jsonl of an earlier run that saved no "
+                             "checkpoint, so it cannot be resumed: choose another --output-dir, "
+                             f"or delete {metrics} to start over in this one.")
+        return None
+    resume_from, state, skipped = newest_complete_checkpoint(out)
+    if resume_from is None:
+        what = (f"no complete checkpoint ({'; '.join(skipped)})" if skipped
+                else "no checkpoint-N folder")
+        if os.path.exists(metrics):
+            raise InputError(f"--resume: {out} holds metrics.jsonl but {what}: the run saved "
+                             "none (checkpoints need --save-every N), so it cannot be resumed. "
+                             "Start over in another --output-dir, or delete what this one holds "
+                             "and run without --resume.")
+        raise InputError(f"--resume: {out} holds {what}; run without --resume to start, with "
+                         "--save-every N to write checkpoints.")
+    if skipped:
+        warn(f"skipped newer checkpoints that are incomplete ({'; '.join(skipped)}); resuming "
+             f"from {os.path.basename(resume_from)}.")
+    check_resumed_flags(args, state["args"], resume_from)
+    if state["step"] >= args.steps:
+        raise InputError(f"--steps {args.steps}: the run in {out} is already at step "
+                         f"{state['step']}; pass a larger --steps to train it further.")
+    keep_metrics_until(metrics, state["step"])
+    return resume_from
+
+
+def newest_complete_checkpoint(output_dir):
+    """(folder, trainer state, skipped) for the newest checkpoint with weights and a readable
+    trainer_state.pt; `skipped` says why each newer one was passed over. (None, None, skipped)
+    when there is none. The state is memory-mapped: only the small parts are read now."""
+    skipped = []
+    for path in reversed(checkpoint_dirs(output_dir)):
+        state_file = os.path.join(path, "trainer_state.pt")
+        if not os.path.isfile(state_file):
+            problem = "no trainer_state.pt"
+        elif not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+            problem = "no model weights"
+        else:
+            try:
+                state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+                return path, state, skipped
+            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+                problem = f"unreadable trainer_state.pt: {error}"
+        skipped.append(f"{os.path.basename(path)}: {problem}")
+    return None, None, skipped
+
+
+def check_resumed_flags(args, saved, checkpoint):
+    """Refuse a resume whose flags differ from the saved run's in anything but RESUMABLE_FLAGS,
+    listing each `--flag old → new`: silently mixing two configurations makes a run that is
+    neither (and the optimizer state would quietly override a new --lr)."""
+    changes = []
+    for name, old in saved.items():
+        new = getattr(args, name, old)  # a flag this version no longer has: nothing to compare
+        if name in RESUMABLE_FLAGS + ("output_dir", "resume") or new == old:
+            continue
+        if isinstance(old, str) and isinstance(new, str) and os.path.exists(old) \
+                and os.path.exists(new) and os.path.samefile(old, new):
+            continue  # one model or data file, named two ways
+        show = [shorten(v, 40) if isinstance(v, str) else v for v in (old, new)]
+        changes.append(f"--{name.replace('_', '-')} {show[0]} → {show[1]}")
+    if changes:
+        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_FLAGS)
+        raise InputError(f"--resume would change the run saved in {checkpoint}: "
+                         f"{'; '.join(changes)}. Pass the run's own values (only {allowed} may "
+                         "change), or start a new run in another --output-dir.")
+
+
+def keep_metrics_until(path, step):
+    """Keep the rows of metrics.jsonl up to `step`, rewriting the file atomically. A cut-off last
+    line (a crash or a full disk mid-append) is dropped, and a missing file tolerated, with a
+    warning; a malformed line elsewhere is refused."""
+    if not os.path.exists(path):
+        warn(f"{path} is missing: the rows of steps 1 to {step} are lost; the run goes on from "
+             f"step {step + 1}.")
+        return
+    with open(path, encoding="utf-8") as f:
+        lines = [(number, line) for number, line in enumerate(f.read().splitlines(), 1)
+                 if line.strip()]
+    kept = []
+    for number, line in lines:
+        try:
+            row = json.loads(line)
+            if not isinstance(row, dict):
+                raise ValueError("not a JSON object")
+        except ValueError:  # JSONDecodeError included
+            if number != lines[-1][0]:
+                raise InputError(f"{path}, line {number}: not a JSON object; fix or remove that "
+                                 "line to resume.") from None
+            warn(f"{path}: dropped its last line, cut off mid-write: {shorten(line)}")
+            continue
+        if row.get("step", 0) <= step:
+            kept.append(line + "\n")
+    write_atomically(path, "".join(kept))
+
+
+def restore_run(resume_from, optimizer):
+    """The step to start from: 0 for a new run; the checkpoint's when resuming, with the
+    optimizer and random state restored."""
     if not resume_from:
-        if os.path.exists(metrics_path) or checkpoint_dirs(args.output_dir):
-            raise InputError(f"{args.output_dir} holds an earlier run: pass --resume to continue "
-                             "it, or choose another --output-dir (nothing was overwritten).")
         return 0
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    # Rows logged after the checkpoint belong to the lost part of the run.
-    with open(metrics_path) as f:
-        rows = [line for line in f if json.loads(line)["step"] <= state["step"]]
-    with open(metrics_path, "w") as f:
-        f.writelines(rows)
     return state["step"]
+
+
+def write_atomically(path, text):
+    """Write `text` to `path` through a temporary file and a rename: a kill at any moment leaves
+    the old content or the new, never a truncated file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
 
 
 def append_metrics(metrics_path, rows):
@@ -1491,19 +1879,164 @@ def build_parser():
     return p
 
 
+# The allowed range of every numeric flag, as an interval: "[2, inf)" is ≥ 2, "(0, 1]" is
+# above 0 and at most 1. Checked before anything is created, loaded or started.
+TOY_RANGES = {
+    "n": (f"[1, {TOY_DEPTH - 1}]", f"the trap is T's first n of {TOY_DEPTH} tokens; with n = "
+                                   f"{TOY_DEPTH} it would be T itself"),
+    "r_neg": ("(-inf, inf)", ""),
+    "seeds": ("[1, inf)", ""),
+    "seed": ("[0, inf)", ""),
+    "steps": ("[1, inf)", ""),
+    "group_size": ("[2, inf)", "GRPO compares each completion with the rest of its group"),
+    "lr": ("(0, inf)", ""),
+    "temperature": ("(0, inf)", ""),
+    "workers": ("[0, inf)", "0 uses every core"),
+}
+TRAIN_RANGES = {
+    "group_size": ("[2, inf)", "GRPO compares each completion with the rest of its group"),
+    "prompts_per_step": ("[1, inf)", ""),
+    "steps": ("[1, inf)", ""),
+    "temperature": ("(0, inf)", "the logits are divided by it"),
+    "top_p": ("(0, 1]", "1 keeps the whole distribution"),
+    "top_k": ("[0, inf)", "0 turns top-k off"),
+    "max_new_tokens": ("[1, inf)", ""),
+    "generation_batch_size": ("[1, inf)", "or leave it out for the whole step at once"),
+    "updates_per_batch": ("[1, inf)", "μ, optimizer steps per batch"),
+    "clip_eps": ("(0, inf]", "inf turns clipping off"),
+    "beta": ("[0, inf)", "0 turns the KL term off"),
+    "adv_eps": ("[0, inf)", "a negative ε can flip the sign of every advantage"),
+    "micro_batch_size": ("[1, inf)", ""),
+    "max_grad_norm": ("(0, inf]", "inf turns clipping off"),
+    "lr": ("(0, inf)", ""),
+    "weight_decay": ("[0, inf)", ""),
+    "lora_r": ("[0, inf)", "0 is full fine-tuning"),
+    "lora_alpha": ("(0, inf)", ""),
+    "seed": ("[0, inf)", ""),
+    "save_every": ("[0, inf)", "0 never saves"),
+    "eval_every": ("[0, inf)", "0 never evaluates"),
+    "eval_size": ("[1, inf)", "an evaluation on no problems measures nothing"),
+    "eval_fraction": ("[0, 1)", ""),
+}
+_INTERVAL = re.compile(r"([\[(])(\S+), (\S+)([\])])")
+# A hub id: "name" or "owner/name". Anything else that does not exist is a mistyped path.
+_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+# argparse (Python 3.11) reads "-1e30" as an option name, not as a negative number.
+_NEGATIVE_EXPONENT = re.compile(r"-(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def check_ranges(args, ranges):
+    """Refuse any flag of `ranges` whose value (or one of its values) lies outside its interval,
+    naming the flag, the value and the allowed range. NaN lies in no interval."""
+    for name, (interval, why) in ranges.items():
+        opening, low, high, closing = _INTERVAL.fullmatch(interval).groups()
+        low, high = float(low), float(high)
+        values = getattr(args, name)
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:  # an optional flag left out
+                continue
+            above = value > low or (opening == "[" and value == low)
+            below = value < high or (closing == "]" and value == high)
+            if not (above and below):
+                flag = "--" + name.replace("_", "-")
+                allowed = describe_interval(interval, isinstance(value, float))
+                raise InputError(f"{flag} {value}: must be {allowed}"
+                                 + (f" ({why})" if why else "") + ".")
+
+
+def describe_interval(interval, real):
+    """'[2, inf)' → '≥ 2', '(0, inf)' → '> 0' (for a real number: '> 0 and finite'),
+    '(0, 1]' → 'in (0, 1]'."""
+    opening, low, high, closing = _INTERVAL.fullmatch(interval).groups()
+    finite = " and finite" if real and closing == ")" else ""
+    if low == "-inf" and high == "inf":
+        return "a finite number"
+    if high == "inf":
+        return f"{'≥' if opening == '[' else '>'} {low}{finite}"
+    return f"in {interval}"
+
+
+def check_model_path(flag, name):
+    """Refuse a model path that does not exist before the hub library reads it as a malformed
+    repo id, and a folder that is not a saved model."""
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise InputError(f"{flag} {name}: the folder has no config.json; point {flag} at a folder "
+                         "written by save_pretrained, or at a hub id.")
+    if not os.path.exists(name) and (not _HUB_ID.fullmatch(name) or ".." in name):
+        raise InputError(f"{flag} {name}: no such folder (and not a hub id, 'name' or "
+                         "'owner/name').")
+
+
+def check_writable(flag, path):
+    """Refuse an output file that cannot be written, before the minutes or hours of computing:
+    open it for appending (which changes nothing) and remove it again if it is new."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise InputError(f"{flag} {path}: cannot write there ({error.strerror}); name a file in "
+                         "an existing, writable folder.") from None
+    if not existed:
+        os.remove(path)
+
+
+def check_toy_args(args):
+    """The toy's flags, before any worker starts."""
+    check_ranges(args, TOY_RANGES)
+    if args.toy_model is not None:
+        check_model_path("--toy-model", args.toy_model)
+    if args.json:
+        check_writable("--json", args.json)
+
+
+def check_train_args(args):
+    """train's flags, before the output folder is created or anything is loaded."""
+    check_ranges(args, TRAIN_RANGES)
+    check_model_path("--model", args.model)
+    extension = os.path.splitext(args.dataset)[1].lower()
+    if extension in DATA_FORMATS and not os.path.exists(args.dataset):
+        raise InputError(f"--dataset {args.dataset}: no such file.")
+    if args.eval_split and args.eval_fraction:
+        raise InputError("pass --eval-split or --eval-fraction, not both: both name the held-out "
+                         "problems.")
+    if args.eval_every and not (args.eval_split or args.eval_fraction):
+        raise InputError("--eval-every needs held-out problems: pass --eval-split or "
+                         "--eval-fraction.")
+    if args.resume and not os.path.isdir(args.output_dir):
+        raise InputError(f"--resume: {args.output_dir} does not exist; run without --resume to "
+                         "start a run there.")
+
+
+def check_negative_exponents(argv):
+    """Refuse "-1e30" as a value: argparse takes it for an option and says only "expected one
+    argument". Say how to pass it."""
+    for i, token in enumerate(argv):
+        if _NEGATIVE_EXPONENT.fullmatch(token):
+            flag = next((t for t in reversed(argv[:i]) if t.startswith("--")), "--flag")
+            raise InputError(f"argparse reads {token} as an option, not a number: write "
+                             f"{flag}={token}, or, among several values, with a space in front "
+                             f"inside quotes: {flag} ' {token}'.")
+
+
 def main(argv=None):
+    """The command line. A mistake in the input (flags, data, reward, run folder) prints one line,
+    `lgrpo: error: ...`, and exits 2; any other exception keeps its traceback."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["toy"] + argv
-    args = build_parser().parse_args(argv)
     try:
+        check_negative_exponents(argv)
+        args = build_parser().parse_args(argv)
         if args.command == "verify":
             sys.exit(1 if verify() else 0)
         if args.command == "toy":
+            check_toy_args(args)
             toy_sweep(args)
         elif args.command == "train":
+            check_train_args(args)
             train(args)
-    except InputError as error:  # a mistake we anticipated: one line, no traceback
+    except InputError as error:
         print(f"lgrpo: error: {error}", file=sys.stderr)
         sys.exit(2)
 

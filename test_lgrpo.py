@@ -11,10 +11,13 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -381,6 +384,23 @@ def seven_reward(tmp_path_factory):
     return {"PYTHONPATH": str(path)}
 
 
+@pytest.fixture(scope="session")
+def odd_rewards(tmp_path_factory):
+    """A folder with a reward module of wrong and extreme reward functions, for --reward
+    module:function; the tests change into it (the module is found in the current folder)."""
+    path = tmp_path_factory.mktemp("odd-rewards")
+    (path / "odd_rewards.py").write_text(
+        "import math\n\nimport torch\n\nnot_callable = 3\n\n\n"
+        "def returns_none(completion, reference):\n    return None\n\n\n"
+        "def returns_text(completion, reference):\n    return '1.0'\n\n\n"
+        "def returns_tensor(completion, reference):\n    return torch.tensor(1.0)\n\n\n"
+        "def returns_nan(completion, reference):\n    return math.nan\n\n\n"
+        "def huge(completion, reference):  # finite, but two of them overflow a float32 sum\n"
+        "    return 3e38 * (sum(map(ord, completion)) % 2)\n")
+    (path / "needs_missing_package.py").write_text("import no_such_package_anywhere\n")
+    return path
+
+
 def run_cli(*args, env=None, timeout=600):
     """Run `python lgrpo.py ARGS` from the repo; fail with its output if it exits non-zero."""
     proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, args)], cwd=REPO_DIR, capture_output=True,
@@ -407,6 +427,30 @@ TIMING_KEYS = {"tokens_per_s", "time_gen", "time_score", "time_update", "peak_me
 
 METRIC_KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "completion_len", "truncated_frac",
                "zero_std_frac", "path_depth", "intermediate_prop", "flat_frac"} | TIMING_KEYS
+
+
+def main_error(argv, capsys):
+    """Run `lgrpo.main(argv)` in-process, expect a deliberate error, return its one line.
+
+    The tool's own errors exit with code 2 and print `lgrpo: error: ...` last, no traceback.
+    """
+    with pytest.raises(SystemExit) as exit_info:
+        lgrpo.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lgrpo: error: "), err
+    return last
+
+
+def forbid(monkeypatch, *names):
+    """Make lgrpo's functions `names` fail the test if called: the error must come before them."""
+    def called(*args, **kwargs):
+        raise AssertionError(f"one of {names} was called before the error")
+
+    for name in names:
+        monkeypatch.setattr(lgrpo, name, called)
 
 
 def _build_lm_batch(prompts, completions, pad_id=0):
@@ -1204,6 +1248,86 @@ def test_non_finite_rewards_raise(bad_value):
         lgrpo.step_advantages(ids, mask, r, 2)
 
 
+def _loss_inputs(mask=((1, 1, 0), (1, 0, 0))):
+    """logp, old_logp, advantages and mask for two completions of one group, for policy_loss."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], requires_grad=True)
+    return logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.tensor(mask)
+
+
+def _call_with_wrong_argument(case):
+    """Call a library function with one wrong argument (issue 10, part 6)."""
+    logp, old, adv, mask = _loss_inputs()
+    if case == "token_logprobs temperature 0":
+        ids = torch.tensor([[1, 2, 3, 4]])
+        lgrpo.token_logprobs(tiny_gpt2(0), ids, torch.ones_like(ids), 2, temperature=0.0)
+    elif case == "policy_loss mask value 2":
+        lgrpo.policy_loss(logp, old, None, adv, torch.tensor([[1, 2, 0], [1, 0, 0]]))
+    elif case == "policy_loss negative beta":
+        lgrpo.policy_loss(logp, old, old, adv, mask, beta=-0.04)
+    elif case == "policy_loss negative clip_eps":
+        lgrpo.policy_loss(logp, old, None, adv, mask, clip_eps=-0.2)
+    elif case == "group_advantages negative eps":
+        lgrpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4, eps=-1.0)
+    elif case == "build_trie more rewards than completions":
+        lgrpo.build_trie([[1, 2], [1, 3]], [1.0, 0.0, 5.0, 5.0])
+    elif case == "build_trie a token that is not one number":
+        lgrpo.build_trie([[torch.tensor([1, 2])], [torch.tensor([1, 3])]], [1.0, 0.0])
+    elif case == "trie_stats empty batch":
+        empty = torch.zeros(0, 3, dtype=torch.long)
+        lgrpo.trie_stats(empty, empty, 2)
+    else:
+        model = tiny_gpt2(0)
+        ids = torch.tensor([[5, 1, 2, 3], [5, 1, 4, 0]])
+        keyword = {"grpo_update micro_batch_size 0": {"micro_batch_size": 0},
+                   "grpo_update micro_batch_size -1": {"micro_batch_size": -1},
+                   "grpo_update updates_per_batch 0": {"updates_per_batch": 0},
+                   "grpo_update max_grad_norm -1": {"max_grad_norm": -1.0}}[case]
+        lgrpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), ids,
+                          torch.ones_like(ids), 1, torch.ones(2, 3, dtype=torch.long), adv,
+                          **keyword)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("token_logprobs temperature 0", "temperature must be > 0"),
+    ("policy_loss mask value 2", "only 0 and 1"),
+    ("policy_loss negative beta", "beta must be ≥ 0"),
+    ("policy_loss negative clip_eps", "clip_eps must be > 0"),
+    ("group_advantages negative eps", "eps must be ≥ 0"),
+    ("build_trie more rewards than completions", "4 rewards for 2 completions"),
+    ("build_trie a token that is not one number", "a token must be one number"),
+    ("trie_stats empty batch", "batch is empty"),
+    ("grpo_update micro_batch_size 0", "micro_batch_size must be ≥ 1"),
+    ("grpo_update micro_batch_size -1", "micro_batch_size must be ≥ 1"),
+    ("grpo_update updates_per_batch 0", "updates_per_batch (μ) must be ≥ 1"),
+    ("grpo_update max_grad_norm -1", "max_grad_norm must be > 0"),
+])
+def test_library_functions_refuse_arguments_that_give_wrong_numbers(case, message):
+    # Each of these returned NaN, did nothing, or counted wrong before it raised.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _call_with_wrong_argument(case)
+
+
+def test_build_trie_reads_tensor_tokens_by_value():
+    # 0-d tensors hash by identity: read by value, they share prefixes as ints do.
+    ints = [[1, 2, 3], [1, 2, 4], [5]]
+    rewards = [1.0, 0.0, 0.5]
+    as_tensors = [[torch.tensor(t) for t in c] for c in ints]
+    as_rows = [torch.tensor(c) for c in ints]
+    expected = lgrpo.format_trie(lgrpo.build_trie(ints, rewards))
+    assert "|λ|=2" in expected
+    assert lgrpo.format_trie(lgrpo.build_trie(as_tensors, rewards)) == expected
+    assert lgrpo.format_trie(lgrpo.build_trie(as_rows, rewards)) == expected
+
+
+def test_huge_finite_rewards_give_finite_advantages():
+    # 3e38 fits a float32, but the float32 sum of two does not: the advantages are taken in
+    # float64, and come back in the rewards' dtype.
+    a = lgrpo.group_advantages(torch.tensor([3e38, 3e38, 0.0, 0.0]), 4, eps=0)
+    assert a.dtype == torch.float32 and torch.isfinite(a).all()
+    scaled_down = lgrpo.group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), 4, eps=0)
+    torch.testing.assert_close(a, scaled_down)  # advantages do not depend on the reward scale
+
+
 
 # ================================================================================================
 # 5. The numerical checks: `python lgrpo.py verify`
@@ -1239,6 +1363,20 @@ def test_micro_batches_give_the_full_batch_update(aggregation):
     assert not torch.equal(params[0], torch.cat([p.flatten() for p in lgrpo.tiny_gpt2(8, seed=0).double().parameters()]))
     torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-12)
 
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_grpo_update_stops_before_a_non_finite_step(bad):
+    # A NaN or infinite loss must never reach optimizer.step(): the weights stay as they were,
+    # and no gradient is left behind.
+    model = tiny_gpt2(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.tensor([[5, 1, 2, 3], [5, 1, 4, 0]])
+    with pytest.raises(FloatingPointError, match="optimizer step was not taken"):
+        lgrpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), ids,
+                          torch.ones_like(ids), 1, torch.ones(2, 3, dtype=torch.long),
+                          torch.tensor([bad, -1.0], dtype=torch.float64))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
 
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("r_neg", [-0.5, -1.5])
@@ -1346,7 +1484,8 @@ def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp
         assert 1 <= r["completion_len"] <= 12 and r["path_depth"] >= 1
     assert steps[0]["kl"] == pytest.approx(0, abs=1e-9)  # before any update, policy = reference
     ckpt = out / "checkpoint-2"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no temp folder left
+    # No temporary folder is left; .lock is the run's lock file.
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint-2", "metrics.jsonl"]
     for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
         assert (ckpt / name).exists()
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
@@ -1387,7 +1526,9 @@ def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_l
     out = tmp_path / "run"
     run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1))
     before = (out / "metrics.jsonl").read_text()
-    for extra, message in ((["--steps", 2], "--resume"), (["--steps", 1, "--eval-every", 1], "--eval-fraction")):
+    # The first run saved no checkpoint: it can be neither overwritten nor resumed.
+    for extra, message in ((["--steps", 2], "cannot be resumed"),
+                           (["--steps", 1, "--eval-every", 1], "--eval-fraction")):
         where = out if extra[-1] == 2 else tmp_path / "other"
         proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(tiny_llama, arithmetic_jsonl, where,
                                                                                 *extra))],
@@ -1429,6 +1570,35 @@ def test_lora_resume_equals_uninterrupted_and_the_policy_leaves_the_base(
     assert full[0]["kl"] == 0.0 and full[-1]["kl"] > 1e-4
     saved = os.listdir(tmp_path / "full" / "checkpoint-4")
     assert "adapter_model.safetensors" in saved  # the adapters are saved, not a merged model
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_logged_or_saved(
+        tiny_llama, arithmetic_jsonl, tmp_path, monkeypatch, capsys):
+    def nan_advantages(rewards, group_size, eps):
+        return torch.full_like(rewards, math.nan)
+
+    monkeypatch.setattr(lgrpo, "group_advantages", nan_advantages)
+    out = tmp_path / "run"
+    error = main_error(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 2,
+                                  "--save-every", 1), capsys)
+    assert "step 1, update 1 of 1: the loss is nan" in error and "not taken" in error
+    assert not (out / "metrics.jsonl").exists() and not lgrpo.checkpoint_dirs(out)
+
+
+def test_huge_finite_rewards_train_to_finite_weights(tiny_llama, arithmetic_jsonl, odd_rewards,
+                                                     tmp_path, monkeypatch):
+    # Rewards of 3e38 overflowed the float32 group mean into NaN advantages, and the NaN weights
+    # were saved. Now they train like rewards of 1.
+    monkeypatch.chdir(odd_rewards)
+    out = tmp_path / "run"
+    lgrpo.main(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 2, "--lr", 1e-2,
+                          "--save-every", 2, "--reward", "odd_rewards:huge"))
+    rows = read_metrics(out)
+    assert any(r["reward_std"] > 1e37 for r in rows)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    from safetensors.torch import load_file
+    saved = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
 
 
 # ================================================================================================
@@ -1594,6 +1764,63 @@ def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
     fired = torch.stack([stop(ids[:, :n], None) for n in range(1, ids.shape[1] + 1)], 1)
     assert fired.int().argmax(1).add(1)[[0, 2]].tolist() == [lengths[0], lengths[2]] and not fired[1].any()
 
+@pytest.mark.parametrize("value, shown", [
+    (None, "returned None"), ("1.0", "returned a str, '1.0'"),
+    (torch.tensor(1.0), "returned a Tensor, tensor(1.)"), (math.nan, "returned nan"),
+    (math.inf, "returned inf"), (-math.inf, "returned -inf"), (10 ** 400, "returned 1000"),
+])
+def test_a_reward_that_is_not_a_finite_number_names_the_function_and_the_completion(value,
+                                                                                     shown):
+    reward = lgrpo.CheckedReward(lambda completion, reference: value, "my_rewards:score")
+    with pytest.raises(lgrpo.InputError) as error:
+        reward("The answer is \\boxed{7}", "7")
+    message = str(error.value)
+    assert message.startswith(f"--reward my_rewards:score {shown}")
+    assert "for the completion 'The answer is \\\\boxed{7}'" in message
+    assert ".item()" in message if torch.is_tensor(value) else ".item()" not in message
+
+
+@pytest.mark.parametrize("value", [True, 3, 0.25, Fraction(1, 4), np.float32(0.5), np.int64(2)])
+def test_a_reward_that_is_a_real_number_passes_as_a_float(value):
+    reward = lgrpo.CheckedReward(lambda completion, reference: value, "my_rewards:score")
+    assert reward("text", "ref") == float(value) and type(reward("text", "ref")) is float
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("odd_rewards", "write it as module:function"),
+    ("odd_rewards:not_callable", "not_callable is 3, not a function"),
+    ("odd_rewards:no_such_function", "defines no 'no_such_function'"),
+    ("no_such_module_anywhere:score", "no module 'no_such_module_anywhere' in the current"),
+])
+def test_a_reward_spec_that_names_no_function_is_a_clear_error(odd_rewards, monkeypatch, spec,
+                                                               message):
+    monkeypatch.chdir(odd_rewards)
+    with pytest.raises(lgrpo.InputError, match=re.escape(message)):
+        lgrpo.load_reward(spec)
+
+
+def test_a_reward_module_is_found_in_the_current_folder(odd_rewards, monkeypatch):
+    # As `python -m` finds it: the current folder first, whatever sys.path says; sys.path is
+    # left as it was.
+    monkeypatch.chdir(odd_rewards)
+    path = list(sys.path)
+    reward = lgrpo.load_reward("odd_rewards:huge")
+    assert reward("a", "") == 3e38 and reward("b", "") == 0.0 and sys.path == path
+    # A module that is there but imports something missing keeps its own error and traceback.
+    with pytest.raises(ModuleNotFoundError, match="no_such_package_anywhere") as error:
+        lgrpo.load_reward("needs_missing_package:score")
+    assert not isinstance(error.value, lgrpo.InputError)
+
+
+def test_train_stops_at_the_first_bad_reward_with_one_line(tiny_llama, arithmetic_jsonl,
+                                                           odd_rewards, tmp_path, monkeypatch,
+                                                           capsys):
+    monkeypatch.chdir(odd_rewards)
+    error = main_error(train_args(tiny_llama, arithmetic_jsonl, tmp_path / "run", "--steps", 1,
+                                  "--reward", "odd_rewards:returns_none"), capsys)
+    assert "--reward odd_rewards:returns_none returned None for the completion " in error
+
+
 # ================================================================================================
 # Appendix B. Data
 # ================================================================================================
@@ -1618,6 +1845,323 @@ def test_prompts_use_the_chat_template_when_there_is_one(tiny_llama):
                                "{% if add_generation_prompt %}assistant: {% endif %}")
     chat = lgrpo.encode_prompts(tokenizer, ["Hi"], "be brief", "cpu")
     assert tokenizer.decode(chat["input_ids"][0]) == "system: be brief\nuser: Hi\nassistant: "
+
+DATA_CASES = {  # name: (file name, file content, extra flags, what the error must say)
+    "empty file": ("data.jsonl", "", [], "data.jsonl is empty"),
+    "malformed JSON line": ("data.jsonl", '{"question": "q", "answer": "1"}\n{oops\n', [],
+                            "data.jsonl, line 2: not valid JSON"),
+    "malformed JSON document": ("data.json", '[\n {"question": "q", "answer": "1"},\n {oops}\n]',
+                                [], "data.json, line 3: not valid JSON"),
+    "unknown train split": (None, None, ["--train-split", "test"],
+                            "--train-split 'test': " "{data} has no such split; its splits are "
+                            "['train']"),
+    "unknown eval split": (None, None, ["--eval-split", "dev"], "--eval-split 'dev': "),
+    "null, empty and missing fields": (
+        "data.jsonl", '{"question": "What is 1+1?", "answer": "2"}\n'
+        '{"question": "What is 1+2?", "answer": null}\n{"question": " ", "answer": "3"}\n'
+        '{"question": "What is 2+2?"}\n{"answer": "5"}\n', [],
+        "split 'train': rows 2, 3, 4, 5 (counting from 1) have a missing, null or empty "
+        "'question' or 'answer'"),
+    "prompt longer than the model": (  # BOS + 300 + "\n\n" + "What is 1+2?" + "\n"
+        None, None, ["--system-prompt", "x" * 300],
+        "the longest prompt (train problem 1, 'What is 1+2?') is 316 tokens, system prompt "
+        "included; with --max-new-tokens 12 it needs 328 positions, and {model} has 256"),
+    "no room for the new tokens": (None, None, ["--max-new-tokens", 250],
+                                   "lower --max-new-tokens to at most "),
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_data_is_refused_before_the_model_loads(tiny_llama, arithmetic_jsonl, tmp_path,
+                                                    monkeypatch, capsys, case):
+    name, content, extra, message = DATA_CASES[case]
+    data = arithmetic_jsonl
+    if name:
+        data = tmp_path / name
+        data.write_text(content)
+    forbid(monkeypatch, "load_causal_lm")
+    error = main_error(train_args(tiny_llama, data, tmp_path / "run", "--steps", 1, *extra),
+                       capsys)
+    assert message.format(data=data, model=tiny_llama) in error
+
+
+@pytest.mark.parametrize("flag, path, message", [
+    ("--model", "{tmp}/no/such/model", "no such folder (and not a hub id"),
+    ("--model", "{tmp}", "the folder has no config.json"),
+    ("--model", "./models/qwen", "no such folder"),
+    ("--dataset", "{tmp}/missing.jsonl", "missing.jsonl: no such file"),
+])
+def test_a_missing_local_path_is_named_before_anything_loads(tiny_llama, arithmetic_jsonl,
+                                                             tmp_path, monkeypatch, capsys, flag,
+                                                             path, message):
+    args = train_args(tiny_llama, arithmetic_jsonl, tmp_path / "run", "--steps", 1)
+    args[args.index(flag) + 1] = path.format(tmp=tmp_path)
+    forbid(monkeypatch, "load_problems", "lock_run_folder", "load_causal_lm")
+    assert message in main_error(args, capsys)
+
+
+# ================================================================================================
+# Appendix C. Runs: the lock, resume, the files of a run
+# ================================================================================================
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny_llama, arithmetic_jsonl, tmp_path_factory):
+    """A finished 2-step run with checkpoint-1 and checkpoint-2; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("two-step") / "run"
+    lgrpo.main(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 2, "--save-every", 1,
+                          "--lr", 1e-2))
+    return out
+
+
+def resume_args(tiny_llama, arithmetic_jsonl, out, *extra):
+    """The two-step run's own flags, with --resume and --steps 3."""
+    return train_args(tiny_llama, arithmetic_jsonl, out, "--save-every", 1, "--lr", 1e-2,
+                      "--resume", "--steps", 3, *extra)
+
+
+def damage(out, case):
+    """What a crash, a full disk or a careless hand leaves behind in a run folder."""
+    if case == "truncated last line":
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write('{"step": 3, "rew')
+    elif case == "deleted metrics.jsonl":
+        os.remove(out / "metrics.jsonl")
+    elif case == "checkpoint without trainer_state.pt":
+        os.remove(out / "checkpoint-2" / "trainer_state.pt")
+    elif case == "checkpoint without weights":
+        os.remove(out / "checkpoint-2" / "model.safetensors")
+
+
+REPAIRS = {  # damage: (the warning, the steps in metrics.jsonl after resuming to step 3)
+    "truncated last line": ("metrics.jsonl: dropped its last line, cut off mid-write: "
+                            "'{\"step\": 3, \"rew'", [1, 2, 3]),
+    "deleted metrics.jsonl": ("metrics.jsonl is missing: the rows of steps 1 to 2 are lost; the "
+                              "run goes on from step 3.", [3]),
+    "checkpoint without trainer_state.pt": ("skipped newer checkpoints that are incomplete "
+                                            "(checkpoint-2: no trainer_state.pt); resuming from "
+                                            "checkpoint-1.", [1, 2, 3]),
+    "checkpoint without weights": ("(checkpoint-2: no model weights); resuming from "
+                                   "checkpoint-1.", [1, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("case", REPAIRS)
+def test_resume_repairs_what_a_crash_leaves_behind(two_step_run, tiny_llama, arithmetic_jsonl,
+                                                   tmp_path, capsys, case):
+    warning, steps = REPAIRS[case]
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    damage(out, case)
+    # Batch sizes and gradient checkpointing may change on resume: they save memory only.
+    lgrpo.main(resume_args(tiny_llama, arithmetic_jsonl, out, "--micro-batch-size", 2,
+                           "--gradient-checkpointing"))
+    assert warning in capsys.readouterr().err
+    assert [row["step"] for row in read_metrics(out)] == steps
+    assert lgrpo.checkpoint_dirs(out)[-1].endswith("checkpoint-3")
+
+
+REFUSALS = {  # case: (extra flags, what the error must say)
+    "changed flags": (["--lr", 0.5, "--group-size", 2, "--seed", 3, "--loss", "grpo"],
+                      "--resume would change the run saved in {out}/checkpoint-2: --loss "
+                      "'lambda' → 'grpo'; --group-size 4 → 2; --lr 0.01 → 0.5; --seed 0 → 3. "
+                      "Pass the run's own values (only --steps, --save-every, "),
+    "nothing left to do": (["--steps", 2], "--steps 2: the run in {out} is already at step 2"),
+    "malformed line before the last": ([], "metrics.jsonl, line 1: not a JSON object"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_resume_refuses_before_the_model_loads(two_step_run, tiny_llama, arithmetic_jsonl,
+                                               tmp_path, monkeypatch, capsys, case):
+    extra, message = REFUSALS[case]
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    metrics = (out / "metrics.jsonl").read_text()
+    if case.startswith("malformed"):
+        metrics = "{oops\n" + metrics
+        (out / "metrics.jsonl").write_text(metrics)
+    forbid(monkeypatch, "load_causal_lm")
+    error = main_error(resume_args(tiny_llama, arithmetic_jsonl, out, *extra), capsys)
+    assert message.format(out=out) in error
+    assert (out / "metrics.jsonl").read_text() == metrics  # nothing was rewritten
+
+
+def test_metrics_without_a_checkpoint_say_how_to_start_over(tiny_llama, arithmetic_jsonl,
+                                                            tmp_path, monkeypatch, capsys):
+    # A run that saved no checkpoint can be neither resumed nor restarted in place: both
+    # messages say what to do instead of pointing at each other.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    forbid(monkeypatch, "load_causal_lm")
+    args = train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 2)
+    resume = main_error(args + ["--resume"], capsys)
+    assert "holds metrics.jsonl but no checkpoint-N folder: the run saved none" in resume
+    assert "Start over in another --output-dir, or delete what this one holds" in resume
+    fresh = main_error(args, capsys)
+    assert "saved no checkpoint, so it cannot be resumed: choose another --output-dir, or " \
+           f"delete {out / 'metrics.jsonl'} to start over in this one" in fresh
+    missing = main_error(train_args(tiny_llama, arithmetic_jsonl, tmp_path / "none",
+                                    "--steps", 2, "--resume"), capsys)
+    assert "does not exist; run without --resume" in missing
+
+
+def test_a_second_run_into_a_locked_folder_refuses_at_once(tiny_llama, arithmetic_jsonl,
+                                                           tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    forbid(monkeypatch, "load_problems", "load_causal_lm")
+    with lgrpo.lock_run_folder(out):  # the first run, still running
+        error = main_error(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1), capsys)
+    assert f"--output-dir {out} is in use by another run (process {os.getpid()})" in error
+    with lgrpo.lock_run_folder(out):  # released when the first run ended
+        pass
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tiny_llama, arithmetic_jsonl,
+                                                          tmp_path, monkeypatch, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    forbid(monkeypatch, "load_problems", "load_causal_lm")
+    error = main_error(train_args(tiny_llama, arithmetic_jsonl, taken, "--steps", 1), capsys)
+    assert f"--output-dir {taken}: cannot write there (File exists)" in error
+
+
+def test_cutting_metrics_back_is_atomic(tmp_path, monkeypatch):
+    # A kill between writing the new file and renaming it leaves the old file whole (the old
+    # code truncated metrics.jsonl first: a kill then erased the run's whole history).
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": step}) + "\n" for step in (1, 2, 3)]
+    path.write_text("".join(rows))
+
+    def killed(source, target):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lgrpo.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            lgrpo.keep_metrics_until(str(path), 2)
+    assert path.read_text() == "".join(rows)
+    lgrpo.keep_metrics_until(str(path), 2)
+    assert path.read_text() == "".join(rows[:2])
+
+
+# ================================================================================================
+# Appendix F. Command line: every flag checked before anything is created, loaded or started
+# ================================================================================================
+
+TRAIN_FLAGS = [  # (flag, value, the error's text after "lgrpo: error: ")
+    ("--max-grad-norm", -1, "--max-grad-norm -1.0: must be > 0 (inf turns clipping off)."),
+    ("--adv-eps", -1, "--adv-eps -1.0: must be ≥ 0 and finite (a negative ε can flip"),
+    ("--clip-eps", -0.2, "--clip-eps -0.2: must be > 0 (inf turns clipping off)."),
+    ("--micro-batch-size", -1, "--micro-batch-size -1: must be ≥ 1."),
+    ("--updates-per-batch", 0, "--updates-per-batch 0: must be ≥ 1 (μ, optimizer steps"),
+    ("--eval-size", 0, "--eval-size 0: must be ≥ 1 (an evaluation on no problems measures"),
+    ("--group-size", 0, "--group-size 0: must be ≥ 2 (GRPO compares each completion"),
+    ("--group-size", -3, "--group-size -3: must be ≥ 2"),
+    ("--prompts-per-step", 0, "--prompts-per-step 0: must be ≥ 1."),
+    ("--generation-batch-size", -1, "--generation-batch-size -1: must be ≥ 1"),
+    ("--beta", -0.04, "--beta -0.04: must be ≥ 0 and finite (0 turns the KL term off)."),
+    ("--temperature", 0, "--temperature 0.0: must be > 0 and finite"),
+    ("--top-p", 1.5, "--top-p 1.5: must be in (0, 1]"),
+    ("--top-k", -1, "--top-k -1: must be ≥ 0 (0 turns top-k off)."),
+    ("--lr", "nan", "--lr nan: must be > 0 and finite."),
+    ("--lr", "inf", "--lr inf: must be > 0 and finite."),
+    ("--steps", 0, "--steps 0: must be ≥ 1."),
+    ("--max-new-tokens", 0, "--max-new-tokens 0: must be ≥ 1."),
+    ("--eval-fraction", 1, "--eval-fraction 1.0: must be in [0, 1)."),
+    ("--weight-decay", -0.1, "--weight-decay -0.1: must be ≥ 0 and finite."),
+    ("--lora-r", -1, "--lora-r -1: must be ≥ 0 (0 is full fine-tuning)."),
+    ("--seed", -1, "--seed -1: must be ≥ 0."),
+    ("--save-every", -1, "--save-every -1: must be ≥ 0 (0 never saves)."),
+    ("--eval-every", 1, "--eval-every needs held-out problems: pass --eval-split or"),
+    ("--eval-split", "test", "pass --eval-split or --eval-fraction, not both"),
+    ("--lr", "-1e30", "argparse reads -1e30 as an option, not a number: write --lr=-1e30"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", TRAIN_FLAGS,
+                         ids=[f"{flag} {value}" for flag, value, _ in TRAIN_FLAGS])
+def test_a_bad_train_flag_is_refused_before_anything_is_created_or_loaded(
+        tiny_llama, arithmetic_jsonl, tmp_path, monkeypatch, capsys, flag, value, message):
+    out = tmp_path / "run"
+    extra = ["--eval-fraction", 0.2] if flag in ("--eval-split", "--eval-size") else []
+    forbid(monkeypatch, "load_reward", "load_problems", "lock_run_folder", "load_causal_lm")
+    error = main_error(train_args(tiny_llama, arithmetic_jsonl, out, *extra, flag, value), capsys)
+    assert error.startswith("lgrpo: error: " + message)
+    assert not out.exists()
+
+
+TOY_FLAGS = [
+    ("--n", 4, "--n 4: must be in [1, 3] (the trap is T's first n of 4 tokens; with n = 4 it "
+               "would be T itself)."),
+    ("--n", -1, "--n -1: must be in [1, 3]"),
+    ("--seeds", 0, "--seeds 0: must be ≥ 1."),
+    ("--steps", 0, "--steps 0: must be ≥ 1."),
+    ("--group-size", 1, "--group-size 1: must be ≥ 2"),
+    ("--lr", 0, "--lr 0.0: must be > 0 and finite."),
+    ("--temperature", -1, "--temperature -1.0: must be > 0 and finite."),
+    ("--workers", -2, "--workers -2: must be ≥ 0 (0 uses every core)."),
+    ("--r-neg", "nan", "--r-neg nan: must be a finite number."),
+    ("--r-neg", "-1e30", "argparse reads -1e30 as an option, not a number: write "
+                         "--r-neg=-1e30, or, among several values, with a space in front inside "
+                         "quotes: --r-neg ' -1e30'."),
+    ("--json", "/no/such/folder/table1.json", "--json /no/such/folder/table1.json: cannot write "
+                                              "there (No such file or directory)"),
+    ("--toy-model", "./no/such/model", "--toy-model ./no/such/model: no such folder"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", TOY_FLAGS,
+                         ids=[f"{flag} {value}" for flag, value, _ in TOY_FLAGS])
+def test_a_bad_toy_flag_is_refused_before_any_worker_starts(monkeypatch, capsys, flag, value,
+                                                            message):
+    forbid(monkeypatch, "toy_sweep", "toy_run")
+    error = main_error(["toy", flag, value], capsys)
+    assert error.startswith("lgrpo: error: " + message)
+
+
+def test_a_negative_exponent_passes_as_the_error_says():
+    parser = lgrpo.build_parser()
+    assert parser.parse_args(["toy", "--r-neg=-1e30"]).r_neg == [-1e30]
+    assert parser.parse_args(["toy", "--r-neg", " -1e30", "-0.5"]).r_neg == [-1e30, -0.5]
+
+
+def test_a_writable_json_path_is_left_as_it_was(tmp_path):
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    old.write_text("{}")
+    lgrpo.check_writable("--json", str(new))
+    lgrpo.check_writable("--json", str(old))
+    assert not new.exists() and old.read_text() == "{}"
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    # Only the tool's own errors (InputError) become one line; a bug must stay debuggable.
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(lgrpo, "toy_sweep", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        lgrpo.main(["toy", "--steps", 1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats 0: must be ≥ 1."),
+    (["--steps", "1"], "--steps 1: must be ≥ 2 (the first step is warm-up and is not reported)."),
+    (["--json", "/no/such/folder/bench.json"], "--json /no/such/folder/bench.json: cannot write"),
+])
+def test_a_bad_bench_flag_is_refused_before_anything_is_timed(monkeypatch, capsys, argv,
+                                                              message):
+    import bench
+
+    def timed(args):
+        raise AssertionError("bench ran before its flags were checked")
+
+    monkeypatch.setattr(bench, "bench", timed)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("bench: error: " + message)
+
 
 # ================================================================================================
 # The benchmark and the tutorial
