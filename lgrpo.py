@@ -692,13 +692,23 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
 TOY_DEPTH = 4
 
 
+TOY_CLASSES = ("T", "0.7", "trap")  # what a sampled path can be, in the order of path_classes
+
+
+def path_classes(paths, target, n):
+    """Which of the toy's three kinds each path is (Table 1): 0 for the target T, 2 for a trap
+    (shares T's first n tokens but is not T), 1 for every other path (reward 0.7)."""
+    hit = (paths == target).all(1)
+    trap = (paths[:, :n] == target[:n]).all(1) & ~hit
+    return torch.where(hit, 0, torch.where(trap, 2, 1))
+
+
 def tree_rewards(paths, target, n, r_neg):
     """The toy's outcome reward (Table 1): 1.0 for the target path T, r_neg for every other path
     that shares T's first n tokens (a trap: T's own prefix looks bad on average), 0.7 for all the
     rest."""
-    hit = (paths == target).all(1)
-    trap = (paths[:, :n] == target[:n]).all(1)
-    return torch.where(hit, 1.0, torch.where(trap, r_neg, 0.7))
+    values = torch.tensor([1.0, 0.7, r_neg], device=paths.device)
+    return values[path_classes(paths, target, n)]
 
 
 class AllowTokens:
@@ -713,37 +723,66 @@ class AllowTokens:
         return scores + keep
 
 
-def toy_policy(name_or_path, seed):
+def toy_device(device, toy_model):
+    """The toy's torch device. "auto": CUDA when there is one and a pretrained `toy_model` plays
+    the policy (the paper's GPT-2 small); else the CPU, where the tiny default policy runs faster
+    than on a GPU (its steps are all fixed per-call cost)."""
+    if device == "auto":
+        return "cuda" if toy_model is not None and torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a torch device (use auto, cpu or "
+                         "cuda).") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this machine has no CUDA device (use auto or cpu).")
+    return device
+
+
+def toy_policy(name_or_path, seed, device="cpu"):
     """(model, start token, [L, R] token ids): a random-init 1-layer GPT-2 over {<s>, L, R} by
-    default, or a pretrained causal LM whose tokens "L" and "R" are the two actions."""
+    default, or a pretrained causal LM whose tokens "L" and "R" are the two actions (Table 1)."""
     if name_or_path is None:
         model = tiny_gpt2(vocab_size=3, n_layer=1, n_embd=64, n_head=2, n_positions=8, seed=seed)
-        return model, 0, [1, 2]
+        return model.to(device), 0, [1, 2]
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     actions = [tokenizer.convert_tokens_to_ids(t) for t in ("L", "R")]
+    if None in actions or tokenizer.unk_token_id in actions:
+        raise InputError(f"--toy-model {name_or_path}: its vocabulary lacks the token 'L' or 'R'.")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return load_causal_lm(name_or_path, torch.float32, "cpu").eval(), start, actions
+    return load_causal_lm(name_or_path, torch.float32, device).eval(), start, actions
 
 
-def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None):
-    """One training run on the tree; returns the per-step frequency of the target path.
+def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None,
+            device="cpu"):
+    """One training run on the tree of Table 1. Returns, per step, the share of sampled paths
+    equal to T ("frequency") and how many paths of each kind in TOY_CLASSES were sampled
+    ("counts": [T, 0.7, trap]).
 
     sample_completions → tree_rewards → group_advantages → lambda_weights → grpo_update
-    (μ = 1, β = 0, token aggregation).
+    (μ = 1, β = 0, token aggregation). The result is a function of the seed on a given device:
+    on CUDA the run switches on PyTorch's deterministic kernels.
     """
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)  # the same arithmetic whatever the number of worker processes
+    if torch.device(device).type == "cuda":
+        # cuBLAS reads this when it starts; without it, deterministic matmuls raise an error.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op without a deterministic kernel warns instead of ending the sweep.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         seed_everything(seed)
-        model, start, actions = toy_policy(toy_model, seed)
+        model, start, actions = toy_policy(toy_model, seed, device)
         # The target depends on the seed only: GRPO and λ-GRPO face the same tree.
         coin = torch.Generator().manual_seed(seed)
         target = torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=coin)]
+        target = target.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
-        prompt = torch.tensor([[start]])
-        inputs_mask = torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long)
-        frequency = []
+        prompt = torch.tensor([[start]], device=device)
+        inputs_mask = torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long, device=device)
+        frequency, counts = [], []
         for _ in range(steps):
             paths = sample_completions(model, prompt, torch.ones_like(prompt), group_size,
                                        max_new_tokens=TOY_DEPTH, eos_token_id=None,
@@ -757,10 +796,13 @@ def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=
                         attention_mask=inputs_mask, completion_start=1, completion_mask=mask,
                         advantages=group_advantages(rewards, group_size), weights=weights,
                         temperature=temperature)
-            frequency.append((paths == target).all(1).double().mean().item())
-        return frequency
+            kinds = torch.bincount(path_classes(paths, target, n), minlength=3).tolist()
+            frequency.append(kinds[0] / group_size)
+            counts.append(kinds)
+        return {"frequency": frequency, "counts": counts}
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def toy_job(job):
@@ -769,9 +811,11 @@ def toy_job(job):
 
 
 def toy_sweep(args):
-    """Table 1: every (n, r_neg) cell × {GRPO, λ-GRPO} × seeds, in parallel worker processes."""
+    """Table 1: every (n, r_neg) cell × {GRPO, λ-GRPO} × seeds, in parallel worker processes.
+    Prints the table; writes the result with per-seed curves to --json and its figure to --plot."""
     import multiprocessing
     from tqdm import tqdm
+    args.device = toy_device(args.device, args.toy_model)  # "auto" resolved once, for the JSON
     cells = [(n, r) for n in args.n for r in args.r_neg]
     jobs = []
     for n, r in cells:
@@ -779,29 +823,36 @@ def toy_sweep(args):
             for seed in range(args.seed, args.seed + args.seeds):
                 jobs.append(dict(n=n, r_neg=r, loss=loss, seed=seed, steps=args.steps,
                                  group_size=args.group_size, lr=args.lr,
-                                 temperature=args.temperature, toy_model=args.toy_model))
+                                 temperature=args.temperature, toy_model=args.toy_model,
+                                 device=args.device))
     workers = min(args.workers or os.cpu_count(), len(jobs))
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            curves = list(tqdm(pool.imap(toy_job, jobs), total=len(jobs), desc="toy runs"))
+            runs = list(tqdm(pool.imap(toy_job, jobs), total=len(jobs), desc="toy runs"))
     else:
-        curves = [toy_run(**job) for job in tqdm(jobs, desc="toy runs")]
+        runs = [toy_run(**job) for job in tqdm(jobs, desc="toy runs")]
     last = min(50, args.steps)
     result = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "cells": []}
     for n, r in cells:
         cell = {"n": n, "r_neg": r}
         for loss in ("grpo", "lambda"):
-            runs = [curve for job, curve in zip(jobs, curves)
+            mine = [run for job, run in zip(jobs, runs)
                     if (job["n"], job["r_neg"], job["loss"]) == (n, r, loss)]
-            per_seed = [sum(c[-last:]) / last for c in runs]
+            curves = [run["frequency"] for run in mine]
+            per_seed = [sum(c[-last:]) / last for c in curves]
             mean, ci = mean_ci95(per_seed)
             cell[loss] = {"mean": mean, "ci95": ci, "per_seed": per_seed,
-                          "curve": [sum(step) / len(runs) for step in zip(*runs)]}
+                          "curve": [sum(step) / len(curves) for step in zip(*curves)],
+                          "curves": curves,
+                          "time_to_target": [time_to_target(c) for c in curves],
+                          "outcomes": [run_outcome(run["counts"], last) for run in mine]}
         result["cells"].append(cell)
     print(format_table1(result))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(result, f, indent=1)
+    if args.plot:
+        plot_toy(result, args.plot)
     return result
 
 
@@ -825,8 +876,51 @@ def mean_ci95(xs):
     return m, t * sd / math.sqrt(len(xs))
 
 
+def time_to_target(frequency, threshold=0.5, window=10):
+    """Time to target, our second metric for Table 1: the first step (counted from 1) at which
+    the mean share of T over the last `window` steps reaches `threshold`; None if it never does.
+    A run shorter than the window is read with a window of its length."""
+    window = min(window, len(frequency))
+    for step in range(window, len(frequency) + 1):
+        if sum(frequency[step - window:step]) / window >= threshold:
+            return step
+    return None
+
+
+def run_outcome(counts, last=50):
+    """How a seed ends (Table 1): the kind in TOY_CLASSES sampled most often over the last `last`
+    steps, from per-step counts [T, 0.7, trap]. A tie goes to the kind listed first."""
+    totals = [sum(step[kind] for step in counts[-last:]) for kind in range(len(TOY_CLASSES))]
+    return TOY_CLASSES[totals.index(max(totals))]
+
+
+def reach_summary(steps):
+    """Per-seed times to target → (mean step over the seeds that reach T, or None if none does;
+    the number of seeds that never do)."""
+    reached = [s for s in steps if s is not None]
+    return (sum(reached) / len(reached) if reached else None), len(steps) - len(reached)
+
+
+def reaches_sooner(steps, other):
+    """Whether per-seed times to target `steps` beat `other`: T reached in more seeds, or in as
+    many seeds at a lower mean step."""
+    (mean, never), (other_mean, other_never) = reach_summary(steps), reach_summary(other)
+    if never != other_never:
+        return never < other_never
+    return mean is not None and mean < other_mean
+
+
+def format_reach(steps, outcomes):
+    """One method's columns in the time-to-target table: mean step, seeds that never reach T,
+    outcomes as T/0.7/trap."""
+    mean, never = reach_summary(steps)
+    tally = "/".join(str(outcomes.count(kind)) for kind in TOY_CLASSES)
+    return f"{'-' if mean is None else f'{mean:.1f}':>6} {never:>5} {tally:>10}"
+
+
 def format_table1(result):
-    """Our Table 1 beside the paper's."""
+    """Our Table 1 beside the paper's (the last 50 steps), then per cell and method the time to
+    target and how the seeds end."""
     cells = result["cells"]
     lines = [f"{'n':>2} {'r_neg':>6} | {'GRPO':>15} {'λ-GRPO':>15} {'Δ':>7} | "
              f"paper: {'GRPO':>6} {'λ-GRPO':>6} {'Δ':>6}"]
@@ -848,6 +942,35 @@ def format_table1(result):
     lines.append(f"mean over cells and all {len(cells[0]['grpo']['curve'])} steps: "
                  f"GRPO {every['grpo']:.4f}, λ-GRPO {every['lambda']:.4f}, "
                  f"Δ {every['lambda'] - every['grpo']:+.4f}")
+    steps = len(cells[0]["grpo"]["curve"])
+    lines += ["",
+              f"Time to target: the first step at which the {min(10, steps)}-step mean frequency "
+              "of T reaches 0.5 (mean over",
+              "the seeds that reach it; never: how many do not). Outcomes: how many seeds end on "
+              "T / on a 0.7",
+              f"path / in a trap (the kind of path sampled most in the last {min(50, steps)} "
+              "steps).",
+              f"{'':9} | {'GRPO':^23} | {'λ-GRPO':^23} |",
+              f"{'n':>2} {'r_neg':>6} | {'to T':>6} {'never':>5} {'T/0.7/trap':>10} | "
+              f"{'to T':>6} {'never':>5} {'T/0.7/trap':>10} | sooner"]
+    for cell in cells:
+        g, l = cell["grpo"], cell["lambda"]
+        sooner = ("λ-GRPO" if reaches_sooner(l["time_to_target"], g["time_to_target"]) else
+                  "GRPO" if reaches_sooner(g["time_to_target"], l["time_to_target"]) else "-")
+        lines.append(f"{cell['n']:>2} {cell['r_neg']:>6} | "
+                     f"{format_reach(g['time_to_target'], g['outcomes'])} | "
+                     f"{format_reach(l['time_to_target'], l['outcomes'])} | {sooner}")
+    sooner = sum(reaches_sooner(c["lambda"]["time_to_target"], c["grpo"]["time_to_target"])
+                 for c in cells)
+    lines.append(f"λ-GRPO reaches T sooner in {sooner} of {len(cells)} cells")
+    reached = {}
+    for loss in ("grpo", "lambda"):
+        times = [t for c in cells for t in c[loss]["time_to_target"]]
+        mean, never = reach_summary(times)
+        reached[loss] = f"{len(times) - never} of {len(times)}"
+        reached[loss] += "" if mean is None else f" (mean step {mean:.1f})"
+    lines.append(f"seeds that reach T, all cells: GRPO {reached['grpo']}, "
+                 f"λ-GRPO {reached['lambda']}")
     return "\n".join(lines)
 
 
@@ -871,6 +994,8 @@ def train(args):
     model, reference, tokenizer, optimizer = setup_training(args, device, resume_from)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
     start = restore_run(args, resume_from, optimizer, metrics_path)
+    if not resume_from:
+        write_run_config(args)
     eos_ids = eos_token_ids(tokenizer, model)
     G = args.group_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.loss)
@@ -1316,6 +1441,13 @@ def restore_run(args, resume_from, optimizer, metrics_path):
     return state["step"]
 
 
+def write_run_config(args):
+    """run_config.json: the run's arguments, so that `plot` (and anyone who opens the folder
+    later) can tell which loss and settings made it."""
+    with open(os.path.join(args.output_dir, "run_config.json"), "w") as f:
+        json.dump({k: v for k, v in vars(args).items() if k != "func"}, f, indent=1)
+
+
 def append_metrics(metrics_path, rows):
     """Append rows to metrics.jsonl, one JSON object per line."""
     with open(metrics_path, "a") as f:
@@ -1341,6 +1473,189 @@ def save_checkpoint(output_dir, step, model, tokenizer, optimizer, args):
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # D. Plots
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def new_figure(width, height):
+    """A matplotlib Figure drawn off-screen. Built without pyplot, so that plotting from a notebook
+    leaves its backend alone; matplotlib is imported here and only here."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InputError("plots need matplotlib: pip install matplotlib") from None
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_figure(fig, out, dpi=100):
+    """Write the figure to `out` (format from its extension). A PNG is reduced to a 256-colour
+    palette: a third of the bytes with no visible change, so committed figures stay small."""
+    if not str(out).lower().endswith(".png"):
+        fig.savefig(out, dpi=dpi)
+        return
+    import io
+    from PIL import Image  # a dependency of matplotlib itself
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=256).save(out, optimize=True)
+
+
+def trailing_mean(xs, window):
+    """Mean of each value and the up to window − 1 values before it."""
+    out, total = [], 0.0
+    for i, x in enumerate(xs):
+        total += x - (xs[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def read_metrics(run_dir):
+    """The rows of a run's metrics.jsonl. A run that is still going may have written half a last
+    line: that line is left out; a broken line before it is an error."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise InputError(f"{run_dir}: no metrics.jsonl here (plot reads the --output-dir "
+                         "folders of `train`).")
+    with open(path) as f:
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if number == len(lines):  # no newline yet: the writer is mid-line
+                break
+            raise InputError(f"{path}, line {number}: not a JSON row.") from None
+    return rows
+
+
+def run_loss(run_dir):
+    """The --loss of a run: from its run_config.json, else from its latest checkpoint's saved
+    arguments (runs from before run_config.json existed); None if neither is there."""
+    config = os.path.join(run_dir, "run_config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            return json.load(f).get("loss")
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        state = os.path.join(checkpoint, "trainer_state.pt")
+        if os.path.isfile(state):  # mmap: the optimizer state is not read from disk
+            return torch.load(state, weights_only=True, mmap=True)["args"].get("loss")
+    return None
+
+
+LOSS_NAMES = {"grpo": "GRPO", "lambda": "λ-GRPO"}
+
+
+def plot_runs(run_dirs, out, smooth=10):
+    """One figure comparing `train` runs: a line per run, labelled by folder and loss, for the
+    reward (raw and smoothed), eval accuracy, completion length, KL and the trie statistics of
+    the paper's overlap measurement (path depth, intermediate proportion) against the step."""
+    if smooth < 1:
+        raise InputError(f"--smooth {smooth}: the trailing mean needs at least 1 step.")
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(set(names)) < len(names):  # same folder name in different places: show the paths
+        names = [os.path.normpath(d) for d in run_dirs]
+    runs = []
+    for run_dir, name in zip(run_dirs, names):
+        rows = read_metrics(run_dir)
+        loss = run_loss(run_dir)
+        label = f"{name} ({LOSS_NAMES.get(loss, loss)})" if loss else name
+        runs.append((label, [r for r in rows if "reward_mean" in r],
+                     [r for r in rows if r.get("eval_accuracy") is not None]))
+    panels = [("reward_mean", "reward (mean over completions)", "no rows yet"),
+              ("eval_accuracy", "eval accuracy (greedy)", "no eval rows (train --eval-every N)"),
+              ("completion_len", "completion length (tokens)", "no rows yet"),
+              ("kl", "KL to the reference (k3)", "no KL logged (β = 0)"),
+              ("path_depth", "trie path depth (steps)", "no rows yet"),
+              ("intermediate_prop", "intermediate proportion", "no rows yet")]
+    fig = new_figure(12, 6)
+    grid = fig.subplots(2, 3, sharex=True)
+    for ax, (key, title, missing) in zip(grid.flat, panels):
+        ax.set_title(title, fontsize=10)
+        drawn = False
+        for color, (label, steps, evals) in enumerate(runs):
+            source = evals if key == "eval_accuracy" else steps
+            rows = [r for r in source if r.get(key) is not None]
+            if not rows:
+                continue
+            x, y = [r["step"] for r in rows], [r[key] for r in rows]
+            if key == "reward_mean":  # noisy per step: raw faint, trailing mean on top
+                ax.plot(x, y, color=f"C{color}", alpha=0.25, lw=0.8)
+                ax.plot(x, trailing_mean(y, smooth), color=f"C{color}", lw=1.8,
+                        label=f"{label}, {smooth}-step mean")
+            else:
+                ax.plot(x, y, color=f"C{color}", lw=1.2, marker="o" if len(x) < 20 else None, ms=3,
+                        label=label)
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, missing, ha="center", va="center", transform=ax.transAxes,
+                    color="gray", fontsize=9)
+        elif key in ("eval_accuracy", "intermediate_prop"):  # shares: the whole [0, 1] range
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in grid[-1]:
+        ax.set_xlabel("step")
+    if any(steps for _, steps, _ in runs):
+        grid[0][0].legend(fontsize=8)
+    save_figure(fig, out)
+    return out
+
+
+def plot_toy(result, out):
+    """The toy's Table 1 as curves: one panel per (n, r_neg) cell, the share of sampled paths
+    equal to T per step for GRPO and λ-GRPO; thin lines are single seeds (10-step mean), thick
+    ones the mean over seeds; the shaded last 50 steps are what Table 1 averages, and a triangle
+    marks the mean time to target."""
+    cells = result["cells"]
+    if any("curves" not in cell["grpo"] for cell in cells):
+        raise InputError("this toy JSON has no per-seed curves: it was written by an older "
+                         "lgrpo.py; rerun the sweep with --json.")
+    ns = sorted({c["n"] for c in cells})
+    r_negs = sorted({c["r_neg"] for c in cells}, reverse=True)
+    fig = new_figure(3.6 * len(r_negs), 2.6 * len(ns) + 0.4)
+    axes = fig.subplots(len(ns), len(r_negs), sharex=True, sharey=True, squeeze=False)
+    steps = len(cells[0]["grpo"]["curve"])
+    x, last = range(1, steps + 1), min(50, steps)
+    for cell in cells:
+        ax = axes[ns.index(cell["n"])][r_negs.index(cell["r_neg"])]
+        ax.axvspan(steps - last + 0.5, steps + 0.5, color="0.9")
+        ax.axhline(0.5, color="0.6", lw=0.6, ls=":")
+        # Seeds in a pale tint rather than with alpha: fewer colours for save_figure's palette.
+        for loss, color, pale in (("grpo", "C0", "#a9c9e4"), ("lambda", "C3", "#eba9a9")):
+            for curve in cell[loss]["curves"]:
+                ax.plot(x, trailing_mean(curve, 10), color=pale, lw=0.6)
+            label = f"{LOSS_NAMES[loss]}: last {last} {cell[loss]['mean']:.2f}"
+            reach, _ = reach_summary(cell[loss]["time_to_target"])
+            if reach is not None:  # the mean time to target, marked where the curves cross 0.5
+                ax.plot([reach], [0.5], marker="v", color=color, ms=6)
+                label += f", T at step {reach:.0f}"
+            ax.plot(x, trailing_mean(cell[loss]["curve"], 10), color=color, lw=1.6, label=label)
+        ax.set_title(f"n = {cell['n']}, r_neg = {cell['r_neg']}", fontsize=10)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlim(1, steps)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for row in axes:
+        row[0].set_ylabel("share of paths = T")
+    config = result.get("config", {})
+    fig.suptitle(f"Table 1 toy: group {config.get('group_size')}, lr {config.get('lr')}, "
+                 f"temperature {config.get('temperature')}, {config.get('seeds')} seeds; "
+                 f"10-step means, thin: single seeds; shaded: the last {last} steps; "
+                 "▼: mean time to target", fontsize=9)
+    save_figure(fig, out)
+    return out
+
+
+def plot_toy_file(path, out):
+    """`plot-toy`: the toy figure from a saved `--json` result, without re-running the sweep."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: cannot read a toy result ({error}).") from None
+    return plot_toy(result, out)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -1417,6 +1732,12 @@ def build_parser():
     toy.add_argument("--workers", type=int, default=0, help="parallel processes (0: all cores)")
     toy.add_argument("--json", default=None,
                      help="write config, per-cell results and curves to this file")
+    toy.add_argument("--plot", default=None, metavar="FIGURE.png",
+                     help="draw every cell's curves, seed by seed, to this image (needs "
+                          "matplotlib); `plot-toy` draws it later from a --json file")
+    toy.add_argument("--device", default="auto",
+                     help="torch device: auto (CUDA when there is one and --toy-model is given, "
+                          "else the CPU), cpu, cuda, cuda:1, ...")
 
     sub.add_parser("verify", help="check Theorem 1 and the worked example numerically")
 
@@ -1488,6 +1809,18 @@ def build_parser():
     tr.add_argument("--eval-every", type=int, default=0,
                     help="greedy eval accuracy every N steps (0: never)")
     tr.add_argument("--eval-size", type=int, default=100, help="held-out problems per eval")
+
+    pl = sub.add_parser("plot", help="one figure comparing train runs (needs matplotlib)")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="--output-dir folders of train, finished or still running")
+    pl.add_argument("--out", required=True, metavar="FIGURE.png",
+                    help="image to write (.png, .pdf, .svg)")
+    pl.add_argument("--smooth", type=int, default=10,
+                    help="steps in the trailing mean drawn over the reward")
+    pt = sub.add_parser("plot-toy", help="the toy's figure from a saved --json result, without "
+                        "re-running it (needs matplotlib)")
+    pt.add_argument("result", metavar="RESULT.json", help="written by python lgrpo.py --json")
+    pt.add_argument("--out", required=True, metavar="FIGURE.png", help="image to write")
     return p
 
 
@@ -1503,6 +1836,10 @@ def main(argv=None):
             toy_sweep(args)
         elif args.command == "train":
             train(args)
+        elif args.command == "plot":
+            plot_runs(args.run_dirs, args.out, args.smooth)
+        elif args.command == "plot-toy":
+            plot_toy_file(args.result, args.out)
     except InputError as error:  # a mistake we anticipated: one line, no traceback
         print(f"lgrpo: error: {error}", file=sys.stderr)
         sys.exit(2)

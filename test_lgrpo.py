@@ -402,6 +402,12 @@ def read_metrics(out):
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
+def is_png(path):
+    """A PNG of plausible size: more than a blank canvas, less than an unreduced full-page figure."""
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 500_000
+
+
 TIMING_KEYS = {"tokens_per_s", "time_gen", "time_score", "time_update", "peak_mem_mb"}
 
 
@@ -1280,6 +1286,7 @@ def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
     result = json.loads(out.read_text())
     for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model", "workers"):
         assert key in result["config"]
+    assert result["config"]["device"] == "cpu"  # "auto" without --toy-model
     (cell,) = result["cells"]
     assert (cell["n"], cell["r_neg"]) == (1, -1.0)
     for method in ("grpo", "lambda"):
@@ -1287,6 +1294,12 @@ def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
         assert len(r["per_seed"]) == 2 and len(r["curve"]) == 3
         assert r["mean"] == pytest.approx(sum(r["per_seed"]) / 2)
         assert all(0 <= x <= 1 for x in r["curve"] + r["per_seed"]) and r["ci95"] >= 0
+        # Per seed: the curve, the time to target (None: never) and the outcome.
+        assert len(r["curves"]) == 2 and [len(c) for c in r["curves"]] == [3, 3]
+        assert r["curve"] == pytest.approx([sum(step) / 2 for step in zip(*r["curves"])])
+        assert r["time_to_target"] == [lgrpo.time_to_target(c) for c in r["curves"]]
+        assert len(r["outcomes"]) == 2 and set(r["outcomes"]) <= set(lgrpo.TOY_CLASSES)
+    assert "Time to target" in proc.stdout and "reaches T sooner in" in proc.stdout
 
 
 def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
@@ -1299,8 +1312,11 @@ def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
 
 def test_toy_run_is_a_function_of_its_seed():
     kw = dict(n=1, r_neg=-1.0, loss="lambda", steps=6, group_size=16, lr=1e-2, temperature=1.0)
-    assert lgrpo.toy_run(seed=3, **kw) == lgrpo.toy_run(seed=3, **kw)
-    assert lgrpo.toy_run(seed=3, **kw) != lgrpo.toy_run(seed=4, **kw)
+    run = lgrpo.toy_run(seed=3, **kw)
+    assert run == lgrpo.toy_run(seed=3, **kw)
+    assert run != lgrpo.toy_run(seed=4, **kw)
+    # Per step, the counts of T / 0.7 / trap paths cover the group; T's count is the frequency.
+    assert all(sum(c) == 16 and f == c[0] / 16 for f, c in zip(run["frequency"], run["counts"]))
 
 
 def test_mean_ci95_uses_student_t():
@@ -1317,13 +1333,104 @@ def test_toy_with_a_pretrained_causal_lm_samples_only_L_and_R(tiny_llama):
     L, R = tokenizer.convert_tokens_to_ids(["L", "R"])
     model, start, actions = lgrpo.toy_policy(str(tiny_llama), seed=0)
     assert actions == [L, R] and start == tokenizer.bos_token_id
-    frequency = lgrpo.toy_run(1, -1.0, "lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
-                              toy_model=str(tiny_llama))
+    kw = dict(n=1, r_neg=-1.0, loss="lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
+              toy_model=str(tiny_llama), device="cpu")
+    run = lgrpo.toy_run(**kw)
+    frequency = run["frequency"]
     assert len(frequency) == 3 and all(f in {i / 8 for i in range(9)} for f in frequency)
+    assert run == lgrpo.toy_run(**kw)  # deterministic per seed on a given device
     torch.manual_seed(0)
     paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 8,
                                      max_new_tokens=4, eos_token_id=None, logits_processor=[lgrpo.AllowTokens(actions)])
     assert set(paths.unique().tolist()) <= {L, R}
+
+
+def test_time_to_target_on_hand_made_curves():
+    # The first step whose trailing 10-step mean reaches 0.5, counted from 1; None if never.
+    assert lgrpo.time_to_target([0.0] * 5 + [1.0] * 20) == 10  # steps 6..10 are 5 ones in 10
+    assert lgrpo.time_to_target([0.0] * 12 + [1.0] * 20) == 17
+    assert lgrpo.time_to_target([0.5] * 10) == 10  # reaching the threshold counts
+    assert lgrpo.time_to_target([1.0] * 9) == 9  # shorter than the window: a window of 9
+    assert lgrpo.time_to_target([0.4375] * 250) is None  # 7 of 16 forever: never
+    assert lgrpo.time_to_target([0.0] * 240 + [1.0] * 4) is None  # a late spike is not enough
+
+
+def test_run_outcome_on_hand_made_paths():
+    # Each seed: the paths it sampled per step; its outcome is the kind sampled most at the end.
+    L, R = 1, 2
+    target, n = torch.tensor([L, R, L, L]), 1
+    on_t, good, trap = [L, R, L, L], [R, R, R, R], [L, L, L, L]  # rewards 1, 0.7, r_neg
+    assert lgrpo.tree_rewards(torch.tensor([on_t, good, trap]), target, n, -1.0).tolist() == \
+        pytest.approx([1.0, 0.7, -1.0])
+
+    def counts(steps):
+        return [torch.bincount(lgrpo.path_classes(torch.tensor(paths), target, n),
+                               minlength=3).tolist() for paths in steps]
+
+    seeds = {
+        "T": [[good, trap, trap, trap]] * 60 + [[on_t, on_t, good, trap]] * 50,  # found T late
+        "0.7": [[on_t, on_t, on_t, on_t]] * 60 + [[good, good, on_t, trap]] * 50,  # left T
+        "trap": [[on_t, good, trap, trap]] * 100,
+    }
+    for expected, steps in seeds.items():
+        assert sum(map(sum, counts(steps))) == 4 * len(steps)
+        assert lgrpo.run_outcome(counts(steps)) == expected
+    # Only the last 50 steps count; a tie goes to the kind listed first (T, then 0.7).
+    assert lgrpo.run_outcome(counts([[on_t, on_t, good, good]] * 50)) == "T"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 10 + [[good] * 4] * 50)) == "0.7"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 10 + [[good] * 4] * 50), last=60) == "0.7"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 40 + [[good] * 4] * 20), last=60) == "trap"
+
+
+def test_reaching_t_sooner_means_in_more_seeds_or_as_many_at_a_lower_mean_step():
+    assert lgrpo.reach_summary([40, None, 60]) == (50.0, 1)
+    assert lgrpo.reach_summary([None, None]) == (None, 2)
+    assert lgrpo.reaches_sooner([40, 60], [45, 70])
+    assert not lgrpo.reaches_sooner([45, 70], [40, 60])
+    assert lgrpo.reaches_sooner([200, 240], [10, None])  # T in both seeds beats T in one
+    assert not lgrpo.reaches_sooner([None, None], [None, None])
+    assert not lgrpo.reaches_sooner([50, 50], [50, 50])
+
+
+def test_toy_device_auto_picks_cuda_only_for_a_pretrained_policy():
+    assert lgrpo.toy_device("auto", None) == "cpu"  # the tiny default policy: always the CPU
+    assert lgrpo.toy_device("cpu", "gpt2") == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert lgrpo.toy_device("auto", "gpt2") == expected
+    with pytest.raises(lgrpo.InputError, match="not a torch device"):
+        lgrpo.toy_device("gpu0", None)
+    if not torch.cuda.is_available():
+        with pytest.raises(lgrpo.InputError, match="no CUDA device"):
+            lgrpo.toy_device("cuda", None)
+
+
+def test_toy_plot_of_a_short_sweep_and_plot_toy_from_its_json(tmp_path):
+    # A 2-seed, 20-step sweep over two cells: the table with time to target, its figure, and the
+    # same figure drawn again from the JSON without re-running.
+    pytest.importorskip("matplotlib")
+    result, figure, again = tmp_path / "toy.json", tmp_path / "toy.png", tmp_path / "again.png"
+    proc = run_cli("toy", "--steps", 20, "--seeds", 2, "--n", 1, 2, "--r-neg", -1.0, "--workers", 1,
+                   "--json", result, "--plot", figure)
+    assert "Time to target" in proc.stdout and "reaches T sooner in" in proc.stdout
+    run_cli("plot-toy", result, "--out", again)
+    assert is_png(figure) and again.read_bytes() == figure.read_bytes()
+    old = json.loads(result.read_text())
+    for cell in old["cells"]:
+        del cell["grpo"]["curves"], cell["lambda"]["curves"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(lgrpo.InputError, match="no per-seed curves"):
+        lgrpo.plot_toy_file(tmp_path / "old.json", tmp_path / "old.png")
+
+
+def test_toy_cli_with_a_saved_causal_lm_on_the_cpu(tiny_llama, tmp_path):
+    # --toy-model with --device cpu through the command line (the paper's setting is --toy-model
+    # gpt2 --device cuda); "auto" would pick CUDA on a machine that has it.
+    out = tmp_path / "toy.json"
+    run_cli("toy", "--toy-model", tiny_llama, "--device", "cpu", "--steps", 2, "--seeds", 1, "--n", 1,
+            "--r-neg", -1.0, "--workers", 1, "--json", out)
+    result = json.loads(out.read_text())
+    assert result["config"]["device"] == "cpu" and result["config"]["toy_model"] == str(tiny_llama)
+    assert len(result["cells"][0]["lambda"]["curves"][0]) == 2
 
 # ================================================================================================
 # 7. Training an LLM: the CLI end to end on a tiny model
@@ -1346,7 +1453,9 @@ def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp
         assert 1 <= r["completion_len"] <= 12 and r["path_depth"] >= 1
     assert steps[0]["kl"] == pytest.approx(0, abs=1e-9)  # before any update, policy = reference
     ckpt = out / "checkpoint-2"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no temp folder left
+    # No temp folder left; run_config.json says what the run is (for `plot`).
+    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl", "run_config.json"]
+    assert json.loads((out / "run_config.json").read_text())["loss"] == loss
     for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
         assert (ckpt / name).exists()
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
@@ -1381,6 +1490,9 @@ def test_learnable_reward_rises(tiny_llama, arithmetic_jsonl, seven_reward, tmp_
     rewards = [r["reward_mean"] for r in read_metrics(out)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, rewards
+    # `plot` draws a real run (β = 0, no eval rows: two panels say so).
+    run_cli("plot", out, "--out", tmp_path / "run.png")
+    assert is_png(tmp_path / "run.png")
 
 
 def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_llama, arithmetic_jsonl, tmp_path):
@@ -1594,6 +1706,65 @@ def test_prompts_use_the_chat_template_when_there_is_one(tiny_llama):
                                "{% if add_generation_prompt %}assistant: {% endif %}")
     chat = lgrpo.encode_prompts(tokenizer, ["Hi"], "be brief", "cpu")
     assert tokenizer.decode(chat["input_ids"][0]) == "system: be brief\nuser: Hi\nassistant: "
+
+# ================================================================================================
+# Appendix D. Plots
+# ================================================================================================
+
+def fake_run(path, loss, steps=30, evals=True, kl=True, half_line=False):
+    """A run folder as `train` leaves it: metrics.jsonl (step rows, eval rows every 10 steps when
+    `evals`, KL when `kl`, half a row at the end when the run is still writing) and
+    run_config.json."""
+    path.mkdir()
+    with open(path / "metrics.jsonl", "w") as f:
+        for step in range(1, steps + 1):
+            f.write(json.dumps({"step": step, "reward_mean": min(1.0, step / 20), "loss": 0.1,
+                                "kl": 0.01 * step if kl else None, "completion_len": 3 + step % 2,
+                                "path_depth": 1 + step / steps, "intermediate_prop": step / steps,
+                                "flat_frac": 0.0}) + "\n")
+            if evals and step % 10 == 0:
+                f.write(json.dumps({"step": step, "eval_accuracy": step / 40}) + "\n")
+        if half_line:
+            f.write('{"step": 31, "reward_me')
+    (path / "run_config.json").write_text(json.dumps({"loss": loss, "steps": steps}))
+    return path
+
+
+def test_plot_two_runs_and_a_run_without_eval_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    grpo = fake_run(tmp_path / "grpo", "grpo")
+    running = fake_run(tmp_path / "lambda", "lambda", evals=False, kl=False, half_line=True)
+    both, alone = tmp_path / "both.png", tmp_path / "alone.png"
+    run_cli("plot", grpo, running, "--out", both)
+    run_cli("plot", running, "--out", alone, "--smooth", 5)
+    assert is_png(both) and is_png(alone)
+
+
+def test_read_metrics_leaves_out_only_a_half_written_last_line(tmp_path):
+    run = fake_run(tmp_path / "run", "lambda", steps=3, evals=False, half_line=True)
+    assert [r["step"] for r in lgrpo.read_metrics(run)] == [1, 2, 3]
+    lines = (run / "metrics.jsonl").read_text().split("\n")
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{broken", *lines[1:]]))
+    with pytest.raises(lgrpo.InputError, match="line 2"):
+        lgrpo.read_metrics(run)
+    with pytest.raises(lgrpo.InputError, match="no metrics.jsonl"):
+        lgrpo.read_metrics(tmp_path)
+
+
+def test_run_loss_from_run_config_or_else_a_checkpoint(tmp_path):
+    assert lgrpo.run_loss(fake_run(tmp_path / "new", "grpo", steps=1)) == "grpo"
+    old = tmp_path / "old"  # a run from before run_config.json: its checkpoint's saved arguments
+    (old / "checkpoint-2").mkdir(parents=True)
+    torch.save({"step": 2, "args": {"loss": "lambda"}}, old / "checkpoint-2" / "trainer_state.pt")
+    assert lgrpo.run_loss(old) == "lambda"
+    assert lgrpo.run_loss(tmp_path) is None
+
+
+def test_plots_without_matplotlib_are_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure fails
+    with pytest.raises(lgrpo.InputError, match="pip install matplotlib"):
+        lgrpo.plot_runs([fake_run(tmp_path / "run", "grpo", steps=2)], tmp_path / "x.png")
+
 
 # ================================================================================================
 # The benchmark and the tutorial
