@@ -1426,8 +1426,8 @@ def test_toy_cli_with_a_saved_causal_lm_on_the_cpu(tiny_llama, tmp_path):
     # --toy-model with --device cpu through the command line (the paper's setting is --toy-model
     # gpt2 --device cuda); "auto" would pick CUDA on a machine that has it.
     out = tmp_path / "toy.json"
-    run_cli("toy", "--toy-model", tiny_llama, "--device", "cpu", "--steps", 2, "--seeds", 1, "--n", 1,
-            "--r-neg", -1.0, "--workers", 1, "--json", out)
+    lgrpo.main(["toy", "--toy-model", tiny_llama, "--device", "cpu", "--steps", 2, "--seeds", 1,
+                "--n", 1, "--r-neg", -1.0, "--workers", 1, "--json", out])  # in-process: faster
     result = json.loads(out.read_text())
     assert result["config"]["device"] == "cpu" and result["config"]["toy_model"] == str(tiny_llama)
     assert len(result["cells"][0]["lambda"]["curves"][0]) == 2
@@ -1760,7 +1760,7 @@ def test_plot_two_runs_and_a_run_without_eval_rows(tmp_path):
     running = fake_run(tmp_path / "lambda", "lambda", evals=False, kl=False, half_line=True)
     both, alone = tmp_path / "both.png", tmp_path / "alone.png"
     run_cli("plot", grpo, running, "--out", both)
-    run_cli("plot", running, "--out", alone, "--smooth", 5)
+    lgrpo.main(["plot", running, "--out", alone, "--smooth", 5])
     assert is_png(both) and is_png(alone)
 
 
