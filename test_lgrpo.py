@@ -1398,16 +1398,40 @@ def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_l
     assert (out / "metrics.jsonl").read_text() == before  # nothing was overwritten
 
 
-def test_lora_without_peft_is_a_clear_error(tiny_llama, arithmetic_jsonl, tmp_path):
-    try:
-        import peft  # noqa: F401
-        pytest.skip("peft is installed here; the error path needs it absent")
-    except ImportError:
-        pass
-    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(
-        tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--lora-r", 4))],
-        cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
-    assert proc.returncode != 0 and "pip install peft" in proc.stderr
+def test_lora_without_peft_is_a_clear_error(tiny_llama, arithmetic_jsonl, tmp_path, monkeypatch,
+                                            capsys):
+    monkeypatch.setitem(sys.modules, "peft", None)  # `import peft` now raises ImportError
+    args = train_args(tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--lora-r", 4)
+    with pytest.raises(SystemExit) as exit_info:
+        lgrpo.main(args)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lgrpo: error:") and "pip install peft" in last
+    assert "Traceback" not in err
+
+
+def test_lora_resume_equals_uninterrupted_and_the_policy_leaves_the_base(
+        tiny_llama, arithmetic_jsonl, seven_reward, tmp_path):
+    # With LoRA the reference is the base model (adapters off), so the KL starts at 0 and rises;
+    # 2 steps plus a resumed 2 must equal 4 uninterrupted steps, metric for metric.
+    pytest.importorskip("peft")
+    common = ("--reward", "starts_with_seven:digits", "--no-stop-at-boxed", "--max-new-tokens", 4,
+              "--lora-r", 4, "--lora-alpha", 8, "--lr", 1e-2, "--beta", 0.04,
+              "--updates-per-batch", 2, "--save-every", 2)
+
+    def run(out, *extra):
+        run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *common, *extra), env=seven_reward)
+
+    run(tmp_path / "full", "--steps", 4)
+    run(tmp_path / "split", "--steps", 2)
+    run(tmp_path / "split", "--steps", 4, "--resume")
+    full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
+    assert len(full) == 4 and without_timings(full) == without_timings(split)
+    assert full[0]["kl"] == 0.0 and full[-1]["kl"] > 1e-4
+    saved = os.listdir(tmp_path / "full" / "checkpoint-4")
+    assert "adapter_model.safetensors" in saved  # the adapters are saved, not a merged model
+
 
 # ================================================================================================
 # Appendix A. Answer checking
