@@ -33,8 +33,8 @@ import random
 import re
 import shutil
 import sys
+import threading
 import time
-from fractions import Fraction
 
 import torch
 import torch.nn.functional as F
@@ -1012,7 +1012,8 @@ def train(args):
         shown = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
         references = [answer for _, answer in problems for _ in range(G)]
-        rewards = compute_rewards(reward_fn, texts, references).to(device)
+        rewards, reward_errors = compute_rewards(reward_fn, texts, references)
+        rewards = rewards.to(device)
         advantages = group_advantages(rewards, G, args.adv_eps)
         weights = lambda_weights(completion_ids, mask, G) if args.loss == "lambda" else None
         # 3. Log-probs the update compares against: π_old's when μ > 1, π_ref's when β > 0.
@@ -1035,7 +1036,8 @@ def train(args):
         t3 = time.perf_counter()
         # 5. Log and checkpoint.
         row = {"step": step + 1, "reward_mean": rewards.mean().item(),
-               "reward_std": rewards.std().item(), "loss": float(stats["loss"]),
+               "reward_std": rewards.std().item(), "reward_errors": reward_errors,
+               "loss": float(stats["loss"]),
                "kl": float(stats["kl"]) if args.beta > 0 else None,
                "clip_frac": float(stats["clip_frac"]), "grad_norm": float(stats["grad_norm"]),
                "completion_len": mask.sum(1).double().mean().item(),
@@ -1183,7 +1185,8 @@ def evaluate(model, tokenizer, problems, reward_fn, args, device):
                                  pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                        skip_special_tokens=True)
-        total += compute_rewards(reward_fn, texts, [ref for _, ref in batch]).sum().item()
+        rewards, _ = compute_rewards(reward_fn, texts, [ref for _, ref in batch])
+        total += rewards.sum().item()
     return total / max(1, len(problems))
 
 
@@ -1203,12 +1206,12 @@ def peak_memory_mb(device):
 # A. Answer checking
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 
-# The reward: exact match of the final answer. Model output is parsed, never evaluated.
+# The reward of the paper's runs: 1 for a correct final answer, else 0, as decided by Hugging
+# Face's Math-Verify, the checker the authors used. Model output is parsed, never evaluated.
+# Math-Verify is imported on first use only: the rest of lgrpo needs none of it.
+
+# A box as datasets write it in reference solutions (MATH uses \boxed and, rarely, \fbox).
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# A number in prose: a minus sign not right after a digit ("3-5" is 5), thousands commas,
-# decimals, or a fraction a/b.
-_NUMBER = re.compile(r"(?<!\d)-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
-_DECIMAL = r"-?(?:\d+(?:\.\d+)?|\.\d+)"
 
 
 def _closing_brace(text, open_index):
@@ -1232,57 +1235,81 @@ def last_boxed(text):
     return None
 
 
-def boxed_closed(text):
-    """True once the first \\boxed{ has its closing brace (the authors' stopping rule)."""
-    match = _BOX_OPEN.search(text)
-    return match is not None and _closing_brace(text, match.end() - 1) is not None
-
-
-def extract_answer(text):
-    """The final answer: the last complete box, else the last number, else None."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def normalize_answer(s):
-    """A canonical string: formatting stripped; numbers as exact reduced fractions, so that
-    "0.5", "1/2" and "\\frac{1}{2}" all read "1/2", and "2.00" reads "2"."""
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    for junk in ("\\left", "\\right", "^{\\circ}", "^\\circ", "\u00b0", "\\$", "$", "\\%", "%",
-                 "\\!", "\\,", "\\;"):
-        s = s.replace(junk, "")
-    s = re.sub(r"\s+", "", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")).rstrip(".")
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # one number with thousands commas;
-        s = s.replace(",", "")                              # a tuple "(1,234)" keeps its comma
-    try:
-        if re.fullmatch(_DECIMAL, s) or re.fullmatch(r"-?\d+/\d+", s):
-            return str(Fraction(s))
-        frac = re.fullmatch(rf"(-?)\\frac\{{({_DECIMAL})\}}\{{({_DECIMAL})\}}", s)
-        if frac:
-            value = Fraction(frac.group(2)) / Fraction(frac.group(3))
-            return str(-value if frac.group(1) else value)
-    except (ValueError, ZeroDivisionError):  # 1/0, or too many digits for int()
-        pass
-    return s
-
-
 def reference_answer(reference):
-    """The answer part of a solution: after the last "####" (GSM8K), else its last box
-    (MATH-style, OpenRS), else the whole string."""
+    """The answer part of a dataset's solution: after the last "####" (GSM8K), else its last box
+    (MATH-style, OpenRS), else the whole string (a dataset's answer column)."""
     if "####" in reference:
         return reference.rsplit("####", 1)[1].strip()
     boxed = last_boxed(reference)
     return boxed if boxed is not None else reference.strip()
 
 
+def load_math_verify():
+    """Math-Verify's parse and verify, the answers it should extract, and its timeout error."""
+    try:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+        from math_verify.errors import TimeoutException
+    except ImportError:
+        raise InputError("the math reward needs Math-Verify: pip install 'math-verify>=0.9.0' "
+                         "(or pass your own --reward module:function).") from None
+    # Boxed answers first, then other LaTeX, then plain numbers ("The answer is 72."): the
+    # extraction Math-Verify itself uses for MATH-style gold answers.
+    targets = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+    return parse, verify, targets, TimeoutException
+
+
+def math_rewards(completions, references):
+    """Outcome rewards (1.0 or 0.0) of a step's completions, each against its reference: 1.0
+    where Math-Verify finds the completion's final answer equal to the reference answer.
+
+    Each distinct reference is parsed once. Returns (rewards, reward_errors), reward_errors
+    being the number of completions that score 0 because parsing or verification raised or
+    timed out inside Math-Verify (each completion of a reference it cannot read counts)."""
+    if threading.current_thread() is not threading.main_thread():
+        # Math-Verify times itself out with signal.alarm, which Python allows on the main thread
+        # only; elsewhere every call would fail and every answer would silently score 0.
+        raise RuntimeError("math_reward must run on the main thread: Math-Verify times out its "
+                           "parsing with signal.alarm, which works only there. Score on the main "
+                           "thread, or pass your own --reward module:function.")
+    parse, verify, targets, timeout_error = load_math_verify()
+    failures = (Exception, timeout_error)  # its timeout is a BaseException
+
+    def parsed(text):
+        """The extracted answers of `text` ([] when there are none), or None on an error."""
+        try:
+            return parse(text, targets, raise_on_error=True)
+        except failures:
+            return None
+
+    def equal(gold, answer):
+        """True or False, or None when a comparison failed and none matched."""
+        # verify() is any() over all (gold, answer) pairs; asking pair by pair, an error in one
+        # pair cannot hide a match in another, and an error without a match is seen.
+        failed = False
+        for g in gold:
+            for a in answer:
+                try:
+                    if verify(g, a, raise_on_error=True):
+                        return True
+                except failures:
+                    failed = True
+        return None if failed else False
+
+    golds, rewards, errors = {}, [], 0
+    for completion, reference in zip(completions, references, strict=True):
+        if reference not in golds:
+            golds[reference] = parsed("\\boxed{" + reference_answer(reference) + "}")
+        gold = golds[reference]
+        answer = parsed(completion) if gold else None
+        match = equal(gold, answer) if answer is not None else None
+        rewards.append(1.0 if match else 0.0)
+        errors += match is None
+    return rewards, errors
+
+
 def math_reward(completion, reference):
-    """1.0 if the completion's final answer equals the reference's after normalization, else 0.0."""
-    predicted = extract_answer(completion)
-    predicted = normalize_answer(predicted) if predicted is not None else ""
-    return float(bool(predicted) and predicted == normalize_answer(reference_answer(reference)))
+    """1.0 if the completion's final answer equals the reference answer (Math-Verify), else 0.0."""
+    return math_rewards([completion], [reference])[0][0]
 
 
 def load_reward(spec):
@@ -1297,23 +1324,93 @@ def load_reward(spec):
 
 
 def compute_rewards(reward_fn, texts, references):
-    """One outcome reward per completion: reward_fn(completion_text, reference)."""
-    return torch.tensor([float(reward_fn(text, ref)) for text, ref in zip(texts, references)])
+    """One outcome reward per completion, and reward_errors: the completions Math-Verify failed
+    on (math_reward, which parses each reference once), or None for a custom reward."""
+    if reward_fn is math_reward:
+        rewards, errors = math_rewards(texts, references)
+    else:
+        rewards, errors = [float(reward_fn(t, r)) for t, r in zip(texts, references)], None
+    return torch.tensor(rewards), errors
+
+
+# The authors' stopping rule: a completion ends once the "\boxed{" it opens first has its closing
+# brace. Exactly this string, as in the authors' code; it is also the box Math-Verify reads.
+BOX_START = "\\boxed{"
+_BRACE = re.compile(r"[{}]")
+
+
+class BoxScan:
+    """Whether the first \\boxed{...} has closed, reading a text a piece at a time: each
+    character is looked at a bounded number of times, so the cost is linear in the length."""
+
+    def __init__(self):
+        self.tail = ""    # before the box: the last characters, which may begin BOX_START
+        self.depth = 0    # open braces of the box: > 0 while it is open
+        self.closed = False
+
+    def feed(self, text):
+        """Read the next piece of text; True once the first box has closed."""
+        if self.closed:
+            return True
+        if not self.depth:
+            text = self.tail + text
+            at = text.find(BOX_START)
+            if at < 0:
+                self.tail = text[1 - len(BOX_START):]
+                return False
+            self.depth, text = 1, text[at + len(BOX_START):]
+        for brace in _BRACE.finditer(text):
+            self.depth += 1 if brace.group() == "{" else -1
+            if self.depth == 0:
+                self.closed = True
+                break
+        return self.closed
+
+
+def boxed_closed(text):
+    """True once the first \\boxed{ has its closing brace (the authors' stopping rule)."""
+    return BoxScan().feed(text)
 
 
 class StopWhenBoxed:
-    """Stopping criterion: a row is done once its first \\boxed{...} closes (the authors' rule)."""
+    """Stopping criterion: a row is done once its first \\boxed{...} closes (the authors' rule).
+
+    Linear in the completion's length: each call decodes only a window of the newest tokens,
+    plus the token before them (tokenizers need it to space a word), and scans only the new
+    characters. A window that ends inside a multi-byte character waits for the next token."""
 
     def __init__(self, tokenizer, prompt_len):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
+        self.seen = None  # completion tokens read so far
+
+    def restart(self, rows):
+        """Fresh state for a new generate call over `rows` rows."""
+        self.seen = 0
+        self.ids = [[] for _ in range(rows)]
+        self.start = [0] * rows  # where each row's window begins
+        self.read = [0] * rows   # tokens of each row already turned into text
+        self.scans = [BoxScan() for _ in range(rows)]
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row, ids in enumerate(input_ids):
-            # Only a new "}" can close the box: decode the whole completion only then.
-            if "}" in self.tokenizer.decode(ids[-1:]):
-                done[row] = boxed_closed(self.tokenizer.decode(ids[self.prompt_len:]))
-        return done
+        length = input_ids.shape[1] - self.prompt_len
+        if self.seen is None or length <= self.seen or len(self.ids) != input_ids.shape[0]:
+            self.restart(input_ids.shape[0])  # a new generate call (one per chunk of rows)
+        new = input_ids[:, self.prompt_len + self.seen:].tolist()
+        self.seen = length
+        live = [r for r, scan in enumerate(self.scans) if not scan.closed]
+        for r in live:
+            self.ids[r] += new[r]
+        windows = [self.ids[r][self.start[r]:] for r in live]
+        known = [self.ids[r][self.start[r]:self.read[r]] for r in live]
+        texts = self.tokenizer.batch_decode(windows + known, skip_special_tokens=True)
+        for r, window, before in zip(live, texts, texts[len(live):]):
+            # A UTF-8 character is at most 4 bytes, so it is whole within 4 more byte-level
+            # tokens; a longer run of broken bytes is read as it stands.
+            if window.endswith("\ufffd") and len(self.ids[r]) - self.start[r] < 8:
+                continue
+            self.scans[r].feed(window[len(before):])
+            self.start[r], self.read[r] = self.read[r], len(self.ids[r])
+        return torch.tensor([scan.closed for scan in self.scans], device=input_ids.device)
 
 
 def boxed_lengths(tokenizer, completion_ids):
@@ -1325,9 +1422,11 @@ def boxed_lengths(tokenizer, completion_ids):
         lo, hi = 1, T + 1
         while lo < hi:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if boxed_closed(tokenizer.decode(ids[:mid])) else (mid + 1, hi)
+            closed = boxed_closed(tokenizer.decode(ids[:mid], skip_special_tokens=True))
+            lo, hi = (lo, mid) if closed else (mid + 1, hi)
         lengths.append(lo)
     return torch.tensor(lengths, device=completion_ids.device)
+
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # B. Data
@@ -1762,7 +1861,7 @@ def build_parser():
     tr.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system prompt (the authors')")
     tr.add_argument("--reward", default=None,
                     help="module:function, f(completion_text, reference) -> float (default: "
-                         "the math answer checker, math_reward)")
+                         "math_reward, the final answer checked by Math-Verify)")
     tr.add_argument("--loss", default="lambda", choices=["lambda", "grpo"],
                     help="λ-GRPO or GRPO")
     tr.add_argument("--aggregation", default="token", choices=["token", "sequence"],
