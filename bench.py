@@ -3,6 +3,7 @@
   1. Process sets: `process_set_sizes` and `lambda_weights` against a recursive Python trie.
   2. A training step of `lgrpo.py train`, GRPO against λ-GRPO, split into its phases.
   3. Peak memory of the sampled tokens' log-probs: `token_logprobs` against the naive form.
+  4. The reward: Math-Verify's cost per call and per step, and the boxed stop.
 
 Timings are printed and written with --json, never asserted: the test suite runs `--quick` as a
 smoke test only.
@@ -12,6 +13,7 @@ import argparse
 import json
 import multiprocessing
 import os
+import random
 import statistics
 import sys
 import tempfile
@@ -285,6 +287,105 @@ def bench_logprob_memory(args, device):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 4. The reward: Math-Verify per call and per step, and the boxed stop
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+REASONING = [
+    "Let me think step by step.", "First, we count the apples in each basket.",
+    r"We have $x^2 - 5x + 6 = 0$, so $(x-2)(x-3) = 0$.", r"Then $\frac{3}{4} \cdot 12 = 9$.",
+    "Each box holds 12 eggs, so 5 boxes hold 60 eggs.", "Wait, let me double-check this.",
+    r"By the Pythagorean theorem, $c = \sqrt{a^2 + b^2}$.", r"Substituting, $y = 2(3) + 1 = 7$.",
+    r"So $\angle ABC = 45^\circ$.", "She earns $18 an hour for 7 hours, which is 126 dollars.",
+]
+# (the completion's boxed answer, the reference) as GSM8K and MATH write them; n and d vary.
+ANSWER_KINDS = [
+    ("{n}", "He pays <<{n}>>{n:,} in all.\n#### {n:,}"),
+    (r"\frac{{{n}}}{{{d}}}", r"The answer is $\boxed{{\dfrac{{{n}}}{{{d}}}}}$."),
+    (r"\sqrt{{{n}}}", r"So $r = \boxed{{\sqrt{{{n}}}}}$."),
+    (r"{n}\%", "#### {n}"),
+    (r"{n}\text{{ cm}}", r"The side is $\boxed{{{n}}}$."),
+    (r"({n}, {d})", r"$\boxed{{({n},{d})}}$"),
+    (r"[{d}, {n})", r"$\boxed{{[{d},{n})}}$"),
+    (r"\text{{(B)}}", r"$\boxed{{\text{{(B)}}}}$"),
+]
+
+
+def reward_problems(count, seed):
+    """(reference, six completions) per problem: 3 to 60 sentences of reasoning, then a boxed
+    answer of the reference's kind, right about half the time; distinct numbers, so that
+    Math-Verify's small caches do not help."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(count):
+        n, d = rng.randint(2, 5000), rng.randint(2, 97)
+        answer, reference = ANSWER_KINDS[rng.randrange(len(ANSWER_KINDS))]
+        completions = []
+        for _ in range(6):
+            reasoning = " ".join(rng.choice(REASONING) for _ in range(rng.randint(3, 60)))
+            given = n if rng.random() < 0.5 else n + rng.randint(1, 9)
+            completions.append(f"{reasoning} So the answer is "
+                               f"$\\boxed{{{answer.format(n=given, d=d)}}}$.")
+        problems.append((reference.format(n=n, d=d), completions))
+    return problems
+
+
+def percentile(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def stop_seconds(tokenizer, n):
+    """StopWhenBoxed over n nested \\boxed{ that never close (then n − 1 "}"), asked after every
+    token as generate asks it, then boxed_lengths: (criterion s, boxed_lengths s)."""
+    text = "\\boxed{" * n + "}" * (n - 1)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
+    start = time.perf_counter()
+    for t in range(1, ids.shape[1] + 1):
+        stop(ids[:, :t], None)
+    middle = time.perf_counter()
+    lgrpo.boxed_lengths(tokenizer, ids)
+    return middle - start, time.perf_counter() - middle
+
+
+def bench_reward(args):
+    """math_reward per call (median, p90, max) and per training step (math_rewards on the
+    paper's 4 problems × 6 completions), and the boxed stop on n nested unclosed boxes."""
+    start = time.perf_counter()
+    lgrpo.math_reward("72", "#### 72")  # imports Math-Verify (and sympy)
+    first_call_s = time.perf_counter() - start
+    problems = reward_problems(10 if args.quick else 100, seed=0)
+    calls = []
+    for reference, completions in problems:
+        for completion in completions:
+            start = time.perf_counter()
+            lgrpo.math_reward(completion, reference)
+            calls.append(time.perf_counter() - start)
+    steps = []
+    for s in range(0, len(problems) - 3, 4):
+        batch = problems[s:s + 4]
+        completions = [c for _, group in batch for c in group]
+        references = [r for r, group in batch for _ in group]
+        start = time.perf_counter()
+        lgrpo.math_rewards(completions, references)
+        steps.append(time.perf_counter() - start)
+    calls.sort()
+    steps.sort()
+    reward = [{"what": "math_reward, one call", "count": len(calls),
+               "median_ms": 1e3 * statistics.median(calls), "p90_ms": 1e3 * percentile(calls, 0.9),
+               "max_ms": 1e3 * calls[-1]},
+              {"what": "math_rewards, one step (4 x 6)", "count": len(steps),
+               "median_ms": 1e3 * statistics.median(steps), "p90_ms": 1e3 * percentile(steps, 0.9),
+               "max_ms": 1e3 * steps[-1]}]
+    tokenizer = lgrpo.char_tokenizer()
+    stop = []
+    for n in ((150, 300) if args.quick else (1500, 3000)):
+        criterion_s, lengths_s = stop_seconds(tokenizer, n)
+        stop.append({"nested_boxes": n, "tokens": len("\\boxed{") * n + n - 1,
+                     "StopWhenBoxed_s": criterion_s, "boxed_lengths_s": lengths_s})
+    return {"first_call_s": first_call_s, "reward": reward, "boxed_stop": stop}
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
 # Command line
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 
@@ -315,6 +416,8 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=5,
                    help="timed calls of process_set_sizes / lambda_weights per shape, median "
                         "reported (the Python trie runs once per input, median of 3)")
+    p.add_argument("--reward-only", action="store_true",
+                   help="only table 4, the reward and the boxed stop (about a minute)")
     p.add_argument("--json", default=None, help="also write the tables to this file")
     return p
 
@@ -327,8 +430,10 @@ def bench(args):
     repeats = 3 if args.quick else args.repeats
     # Other work on the machine skews CPU timings (threads wait for descheduled siblings).
     load = round(os.getloadavg()[0], 1) if hasattr(os, "getloadavg") else None
-    result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load,
-              "process_sets": bench_process_sets(devices, shapes, repeats)}
+    result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load}
+    if args.reward_only:
+        return write_reward_table(args, result)
+    result["process_sets"] = bench_process_sets(devices, shapes, repeats)
     print(format_table(f"1. ms per group, median of {repeats} repeats over 3 groups (Python trie: "
                        f"median of 3 groups, on the CPU; load average {load} on "
                        f"{os.cpu_count()} cores)", result["process_sets"]))
@@ -345,6 +450,18 @@ def bench(args):
     result["logprob_memory"] = bench_logprob_memory(args, device)
     print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 logits, MB",
                               result["logprob_memory"]))
+    print()
+    return write_reward_table(args, result)
+
+
+def write_reward_table(args, result):
+    """Table 4 printed; every table so far written with --json."""
+    reward = result["reward"] = bench_reward(args)
+    print(format_table(f"4. The reward, Math-Verify on 3-60 sentences of reasoning and a boxed "
+                       f"answer, ms (the first call, imports included: "
+                       f"{reward['first_call_s']:.1f} s)", reward["reward"]))
+    print(format_table("   The boxed stop on n nested \\boxed{ that never close, s",
+                       reward["boxed_stop"]))
     if args.json:
         lgrpo.write_atomically(args.json, json.dumps(result, indent=1))
     return result

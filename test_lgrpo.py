@@ -422,11 +422,18 @@ def read_metrics(out):
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
+def is_png(path):
+    """A PNG of plausible size: more than a blank canvas, less than an unreduced full-page figure."""
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 500_000
+
+
 TIMING_KEYS = {"tokens_per_s", "time_gen", "time_score", "time_update", "peak_mem_mb"}
 
 
-METRIC_KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "completion_len", "truncated_frac",
-               "zero_std_frac", "path_depth", "intermediate_prop", "flat_frac"} | TIMING_KEYS
+METRIC_KEYS = {"step", "reward_mean", "reward_std", "reward_errors", "loss", "kl", "clip_frac",
+               "completion_len", "truncated_frac", "zero_std_frac", "path_depth",
+               "intermediate_prop", "flat_frac"} | TIMING_KEYS
 
 
 def main_error(argv, capsys):
@@ -1418,6 +1425,7 @@ def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
     result = json.loads(out.read_text())
     for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model", "workers"):
         assert key in result["config"]
+    assert result["config"]["device"] == "cpu"  # "auto" without --toy-model
     (cell,) = result["cells"]
     assert (cell["n"], cell["r_neg"]) == (1, -1.0)
     for method in ("grpo", "lambda"):
@@ -1425,6 +1433,12 @@ def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
         assert len(r["per_seed"]) == 2 and len(r["curve"]) == 3
         assert r["mean"] == pytest.approx(sum(r["per_seed"]) / 2)
         assert all(0 <= x <= 1 for x in r["curve"] + r["per_seed"]) and r["ci95"] >= 0
+        # Per seed: the curve, the time to target (None: never) and the outcome.
+        assert len(r["curves"]) == 2 and [len(c) for c in r["curves"]] == [3, 3]
+        assert r["curve"] == pytest.approx([sum(step) / 2 for step in zip(*r["curves"])])
+        assert r["time_to_target"] == [lgrpo.time_to_target(c) for c in r["curves"]]
+        assert len(r["outcomes"]) == 2 and set(r["outcomes"]) <= set(lgrpo.TOY_CLASSES)
+    assert "Time to target" in proc.stdout and "reaches T sooner in" in proc.stdout
 
 
 def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
@@ -1437,8 +1451,11 @@ def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
 
 def test_toy_run_is_a_function_of_its_seed():
     kw = dict(n=1, r_neg=-1.0, loss="lambda", steps=6, group_size=16, lr=1e-2, temperature=1.0)
-    assert lgrpo.toy_run(seed=3, **kw) == lgrpo.toy_run(seed=3, **kw)
-    assert lgrpo.toy_run(seed=3, **kw) != lgrpo.toy_run(seed=4, **kw)
+    run = lgrpo.toy_run(seed=3, **kw)
+    assert run == lgrpo.toy_run(seed=3, **kw)
+    assert run != lgrpo.toy_run(seed=4, **kw)
+    # Per step, the counts of T / 0.7 / trap paths cover the group; T's count is the frequency.
+    assert all(sum(c) == 16 and f == c[0] / 16 for f, c in zip(run["frequency"], run["counts"]))
 
 
 def test_mean_ci95_uses_student_t():
@@ -1455,13 +1472,104 @@ def test_toy_with_a_pretrained_causal_lm_samples_only_L_and_R(tiny_llama):
     L, R = tokenizer.convert_tokens_to_ids(["L", "R"])
     model, start, actions = lgrpo.toy_policy(str(tiny_llama), seed=0)
     assert actions == [L, R] and start == tokenizer.bos_token_id
-    frequency = lgrpo.toy_run(1, -1.0, "lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
-                              toy_model=str(tiny_llama))
+    kw = dict(n=1, r_neg=-1.0, loss="lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
+              toy_model=str(tiny_llama), device="cpu")
+    run = lgrpo.toy_run(**kw)
+    frequency = run["frequency"]
     assert len(frequency) == 3 and all(f in {i / 8 for i in range(9)} for f in frequency)
+    assert run == lgrpo.toy_run(**kw)  # deterministic per seed on a given device
     torch.manual_seed(0)
     paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 8,
                                      max_new_tokens=4, eos_token_id=None, logits_processor=[lgrpo.AllowTokens(actions)])
     assert set(paths.unique().tolist()) <= {L, R}
+
+
+def test_time_to_target_on_hand_made_curves():
+    # The first step whose trailing 10-step mean reaches 0.5, counted from 1; None if never.
+    assert lgrpo.time_to_target([0.0] * 5 + [1.0] * 20) == 10  # steps 6..10 are 5 ones in 10
+    assert lgrpo.time_to_target([0.0] * 12 + [1.0] * 20) == 17
+    assert lgrpo.time_to_target([0.5] * 10) == 10  # reaching the threshold counts
+    assert lgrpo.time_to_target([1.0] * 9) == 9  # shorter than the window: a window of 9
+    assert lgrpo.time_to_target([0.4375] * 250) is None  # 7 of 16 forever: never
+    assert lgrpo.time_to_target([0.0] * 240 + [1.0] * 4) is None  # a late spike is not enough
+
+
+def test_run_outcome_on_hand_made_paths():
+    # Each seed: the paths it sampled per step; its outcome is the kind sampled most at the end.
+    L, R = 1, 2
+    target, n = torch.tensor([L, R, L, L]), 1
+    on_t, good, trap = [L, R, L, L], [R, R, R, R], [L, L, L, L]  # rewards 1, 0.7, r_neg
+    assert lgrpo.tree_rewards(torch.tensor([on_t, good, trap]), target, n, -1.0).tolist() == \
+        pytest.approx([1.0, 0.7, -1.0])
+
+    def counts(steps):
+        return [torch.bincount(lgrpo.path_classes(torch.tensor(paths), target, n),
+                               minlength=3).tolist() for paths in steps]
+
+    seeds = {
+        "T": [[good, trap, trap, trap]] * 60 + [[on_t, on_t, good, trap]] * 50,  # found T late
+        "0.7": [[on_t, on_t, on_t, on_t]] * 60 + [[good, good, on_t, trap]] * 50,  # left T
+        "trap": [[on_t, good, trap, trap]] * 100,
+    }
+    for expected, steps in seeds.items():
+        assert sum(map(sum, counts(steps))) == 4 * len(steps)
+        assert lgrpo.run_outcome(counts(steps)) == expected
+    # Only the last 50 steps count; a tie goes to the kind listed first (T, then 0.7).
+    assert lgrpo.run_outcome(counts([[on_t, on_t, good, good]] * 50)) == "T"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 10 + [[good] * 4] * 50)) == "0.7"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 10 + [[good] * 4] * 50), last=60) == "0.7"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 40 + [[good] * 4] * 20), last=60) == "trap"
+
+
+def test_reaching_t_sooner_means_in_more_seeds_or_as_many_at_a_lower_mean_step():
+    assert lgrpo.reach_summary([40, None, 60]) == (50.0, 1)
+    assert lgrpo.reach_summary([None, None]) == (None, 2)
+    assert lgrpo.reaches_sooner([40, 60], [45, 70])
+    assert not lgrpo.reaches_sooner([45, 70], [40, 60])
+    assert lgrpo.reaches_sooner([200, 240], [10, None])  # T in both seeds beats T in one
+    assert not lgrpo.reaches_sooner([None, None], [None, None])
+    assert not lgrpo.reaches_sooner([50, 50], [50, 50])
+
+
+def test_toy_device_auto_picks_cuda_only_for_a_pretrained_policy():
+    assert lgrpo.toy_device("auto", None) == "cpu"  # the tiny default policy: always the CPU
+    assert lgrpo.toy_device("cpu", "gpt2") == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert lgrpo.toy_device("auto", "gpt2") == expected
+    with pytest.raises(lgrpo.InputError, match="not a torch device"):
+        lgrpo.toy_device("gpu0", None)
+    if not torch.cuda.is_available():
+        with pytest.raises(lgrpo.InputError, match="no CUDA device"):
+            lgrpo.toy_device("cuda", None)
+
+
+def test_toy_plot_of_a_short_sweep_and_plot_toy_from_its_json(tmp_path):
+    # A 2-seed, 20-step sweep over two cells: the table with time to target, its figure, and the
+    # same figure drawn again from the JSON without re-running.
+    pytest.importorskip("matplotlib")
+    result, figure, again = tmp_path / "toy.json", tmp_path / "toy.png", tmp_path / "again.png"
+    proc = run_cli("toy", "--steps", 20, "--seeds", 2, "--n", 1, 2, "--r-neg", -1.0, "--workers", 1,
+                   "--json", result, "--plot", figure)
+    assert "Time to target" in proc.stdout and "reaches T sooner in" in proc.stdout
+    run_cli("plot-toy", result, "--out", again)
+    assert is_png(figure) and again.read_bytes() == figure.read_bytes()
+    old = json.loads(result.read_text())
+    for cell in old["cells"]:
+        del cell["grpo"]["curves"], cell["lambda"]["curves"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(lgrpo.InputError, match="no per-seed curves"):
+        lgrpo.plot_toy_file(tmp_path / "old.json", tmp_path / "old.png")
+
+
+def test_toy_cli_with_a_saved_causal_lm_on_the_cpu(tiny_llama, tmp_path):
+    # --toy-model with --device cpu through the command line (the paper's setting is --toy-model
+    # gpt2 --device cuda); "auto" would pick CUDA on a machine that has it.
+    out = tmp_path / "toy.json"
+    lgrpo.main(["toy", "--toy-model", tiny_llama, "--device", "cpu", "--steps", 2, "--seeds", 1,
+                "--n", 1, "--r-neg", -1.0, "--workers", 1, "--json", out])  # in-process: faster
+    result = json.loads(out.read_text())
+    assert result["config"]["device"] == "cpu" and result["config"]["toy_model"] == str(tiny_llama)
+    assert len(result["cells"][0]["lambda"]["curves"][0]) == 2
 
 # ================================================================================================
 # 7. Training an LLM: the CLI end to end on a tiny model
@@ -1482,10 +1590,13 @@ def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp
         assert METRIC_KEYS <= set(r)
         assert r["kl"] is not None and r["kl"] >= 0 and 0 <= r["clip_frac"] <= 1
         assert 1 <= r["completion_len"] <= 12 and r["path_depth"] >= 1
+        assert r["reward_errors"] in range(9)  # Math-Verify's failures among 8 completions
     assert steps[0]["kl"] == pytest.approx(0, abs=1e-9)  # before any update, policy = reference
     ckpt = out / "checkpoint-2"
-    # No temporary folder is left; .lock is the run's lock file.
-    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint-2", "metrics.jsonl"]
+    # No temporary folder is left; .lock is the run's lock, run_config.json says what the run is.
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint-2", "metrics.jsonl",
+                                                     "run_config.json"]
+    assert json.loads((out / "run_config.json").read_text())["loss"] == loss
     for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
         assert (ckpt / name).exists()
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
@@ -1520,6 +1631,9 @@ def test_learnable_reward_rises(tiny_llama, arithmetic_jsonl, seven_reward, tmp_
     rewards = [r["reward_mean"] for r in read_metrics(out)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, rewards
+    # `plot` draws a real run (β = 0, no eval rows: two panels say so).
+    run_cli("plot", out, "--out", tmp_path / "run.png")
+    assert is_png(tmp_path / "run.png")
 
 
 def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_llama, arithmetic_jsonl, tmp_path):
@@ -1606,61 +1720,203 @@ def test_huge_finite_rewards_train_to_finite_weights(tiny_llama, arithmetic_json
 # ================================================================================================
 
 LONG_PROSE = "In 1999 there were 365 days, 12 months and 7.5 cups of tea. " * 200
+GSM8K_72 = "She sold 48/2 = <<48/2=24>>24 clips in May.\nIn all, 48+24 = <<48+24=72>>72.\n#### 72"
+GSM8K_1234 = "He pays 1,000+234 = <<1000+234=1234>>1,234 dollars.\n#### 1,234"
+
+
+def library_limit(why):
+    """A case Math-Verify scores wrong: the expected value is the right one, the library's isn't.
+    strict: the day the library gets it right, the test says so."""
+    return {"marks": pytest.mark.xfail(strict=True, reason=f"Math-Verify 0.9.0: {why}")}
 
 
 REWARD_CASES = [
-    # (completion, reference, expected reward)
-    (r"So the answer is \boxed{72}.", "#### 72", 1.0),
-    (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
-    (r"First \boxed{3}, no wait, \boxed{4}.", "4", 1.0),
-    (r"First \boxed{3}, no wait, \boxed{4}.", "3", 0.0),
-    (r"Answer \boxed{7}. Double-check: \boxed{12", "7", 1.0),   # unclosed last box
-    (r"Answer \boxed{7}. Double-check: \boxed{12", "12", 0.0),
-    ("She has 3 apples, buys 5 more, so 8 apples.", "#### 8", 1.0),  # last number
-    ("I am not sure how to solve this.", "#### 8", 0.0),
-    ("", "#### 8", 0.0),
-    ("Natalia sold 48/2 = 24 clips.\n", "Natalia sold...\n#### 72", 0.0),
-    (r"The total is \boxed{1234}.", "He pays 1,000+234 = <<1234>>1,234\n#### 1,234", 1.0),
-    (r"The total is \boxed{1,234}.", "#### 1234", 1.0),
-    ("The total is 1,234 dollars.", "#### 1234", 1.0),
-    (r"\boxed{\$18}", "#### 18", 1.0),
-    (r"\boxed{$18$}", "#### 18", 1.0),
-    ("It costs 18 dollars", "#### 18", 1.0),
-    (r"\boxed{50\%}", "#### 50", 1.0),
-    (r"\boxed{50%}", "#### 50", 1.0),
-    (r"\boxed{5.0}", "#### 5", 1.0),
-    (r"\boxed{2.50}", "2.5", 1.0),
-    (r"\boxed{-3}", "#### -3", 1.0),
+    # (completion, reference, the right reward). GSM8K: a plain final number.
+    ("In all she sold 48 + 24 = 72 clips.", GSM8K_72, 1.0),
+    ("The answer is 72.", GSM8K_72, 1.0),
+    ("In all she sold 48 + 24 = 73 clips.", GSM8K_72, 0.0),
+    ("So the total is 1,234 dollars.", GSM8K_1234, 1.0),
+    ("So the total is 1234 dollars.", GSM8K_1234, 1.0),
+    ("The final answer is $18.", "#### 18", 1.0),
     ("The temperature drops to -3 degrees.", "#### -3", 1.0),
-    (r"\boxed{3}", "#### -3", 0.0),
-    (r"\boxed{\dfrac{3}{4}}", "3/4", 1.0),
-    (r"\boxed{-\tfrac{3}{4}}", r"\frac{-3}{4}", 1.0),
-    (r"\boxed{0.75}", r"$\boxed{\frac34}$", 0.0),  # short \frac34 form is not parsed
-    (r"\boxed{\text{Monday}}", "Monday", 1.0),
-    (r"\boxed{5\text{ cm}}", r"The side is \boxed{5 \text{cm}}.", 1.0),
-    (r"\boxed{18 \text{ dollars}}", "#### 18", 0.0),  # units in the box: strict
-    (r"\boxed{71}", "#### 72", 0.0),
-    (r"\boxed{90^\circ}", "90", 1.0),
-    (r"\boxed{90^{\circ}}", r"\boxed{90}", 1.0),
-    (r"\boxed{\frac{\sqrt{3}}{2}}", r"So $x = \boxed{\frac{\sqrt3}{2}}$.", 0.0),
-    (r"\boxed{\frac{\sqrt{3}}{2}}", r"Hence \boxed{\frac{\sqrt{3}}{2}}.", 1.0),
-    (r"\boxed{\left( 1, 2 \right)}", "(1,2)", 1.0),
-    (r"\boxed{(1, 2)}", "(2,1)", 0.0),
-    (LONG_PROSE + r"\boxed{42}" + " Also 99 is a number.", "#### 42", 1.0),
     ("#### 5\nActually the total is 7", "#### 5", 0.0),
-    ("#### 5\nActually the total is \\boxed{7}, not 5", "#### 7", 1.0),
-    (r"The answer is \boxed{8}.", "#### 8.", 1.0),
-    (r"\boxed{\,1\!000}", "#### 1000", 1.0),
-    (r"\boxed{}", "", 0.0),
+    (LONG_PROSE + r"\boxed{42}" + " Also 99 is a number.", "#### 42", 1.0),
+    # GSM8K: a boxed answer.
+    (r"So the answer is $\boxed{72}$.", GSM8K_72, 1.0),
+    (r"The total is \boxed{1234}.", GSM8K_1234, 1.0),
+    (r"The total is \boxed{1,234}.", GSM8K_1234, 1.0),
+    (r"\boxed{\$18}", "#### 18", 1.0),
+    (r"\boxed{18 \text{ dollars}}", "#### 18", 1.0),
+    (r"\boxed{50\%}", "#### 50", 1.0),  # GSM8K writes a percentage as a bare number
+    (r"\boxed{5.0}", "#### 5", 1.0),
+    (r"\boxed{-3}", "#### -3", 1.0),
+    (r"\boxed{3}", "#### -3", 0.0),
+    # MATH: the reference is a solution whose last box holds the answer.
+    (r"Thus $\boxed{\frac{1}{2}}$.", r"The probability is $\boxed{\frac{1}{2}}$.", 1.0),
+    (r"$\boxed{0.5}$", r"So $p = \boxed{\dfrac{1}{2}}$.", 1.0),
+    (r"$\boxed{\frac12}$", r"$\boxed{\frac{1}{2}}$", 1.0),
+    (r"$\boxed{\tfrac{3}{4}}$", r"$\boxed{\frac34}$", 1.0),
+    (r"$\boxed{0.75}$", r"$\boxed{\frac34}$", 1.0),
+    (r"$\boxed{\frac{\sqrt{3}}{2}}$", r"So $x = \boxed{\frac{\sqrt3}{2}}$.", 1.0),
+    (r"$\boxed{\frac{1}{\sqrt{2}}}$", r"$\boxed{\frac{\sqrt{2}}{2}}$", 1.0),
+    (r"$\boxed{\sqrt3}$", r"$\boxed{\sqrt{3}}$", 1.0),
+    (r"$\boxed{2\sqrt2}$", r"$\boxed{\sqrt{8}}$", 1.0),
+    (r"$\boxed{\sqrt 2+\sqrt 5}$", r"$\boxed{\sqrt{2}+\sqrt{5}}$", 1.0),
+    (r"$\boxed{\frac94\pi}$", r"$\boxed{\frac{9}{4}\pi}$", 1.0),
+    (r"$\boxed{1+2x}$", r"$\boxed{2x+1}$", 1.0),
+    (r"The answer is $\boxed{x=3}$.", r"Solving, $x = \boxed{3}$.", 1.0),
+    (r"$\boxed{3}$", r"Solving, we find $\boxed{x=3}$.", 1.0),
+    (r"$\boxed{14916}$", r"There are $\boxed{14{,}916}$ ways.", 1.0),
+    (r"$\boxed{14{,}916}$", r"$\boxed{14916}$", 1.0),
+    (r"$\boxed{0.25}$", r"The rate is $\boxed{25\%}$.", 1.0),
+    (r"$\boxed{30}$", r"The angle is $\boxed{30^\circ}$.", 1.0),
+    (r"$\boxed{30^\circ}$", r"$\boxed{30^{\circ}}$", 1.0),
+    (r"$\boxed{5\text{ cm}}$", r"The side is $\boxed{5 \text{ cm}}$.", 1.0),
+    (r"$\boxed{\text{(B)}}$", r"$\boxed{\text{(B)}}$", 1.0),
+    (r"$\boxed{B}$", r"$\boxed{\text{(B)}}$", 1.0),
+    (r"$\boxed{\text{(C)}}$", r"$\boxed{\text{(B)}}$", 0.0),
+    (r"$\boxed{(-\infty, 3]}$", r"$\boxed{(-\infty,3]}$", 1.0),
+    (r"$\boxed{(-\infty, 3)}$", r"$\boxed{(-\infty,3]}$", 0.0),
+    (r"$\boxed{(1, 2)}$", r"$\boxed{(1,2)}$", 1.0),
+    (r"$\boxed{(2, 1)}$", r"$\boxed{(1,2)}$", 0.0),
+    (r"$\boxed{\{1,2\}}$", r"$\boxed{\{2, 1\}}$", 1.0),
+    (r"$\boxed{\begin{pmatrix} 1 \\ -2 \end{pmatrix}}$",
+     r"$\boxed{\begin{pmatrix}1\\-2\end{pmatrix}}$", 1.0),
+    (r"$\boxed{\begin{pmatrix} -2 \\ 1 \end{pmatrix}}$",
+     r"$\boxed{\begin{pmatrix}1\\-2\end{pmatrix}}$", 0.0),
+    (r"$\boxed{3 \times 10^{5}}$", r"$\boxed{300000}$", 1.0),
+    (r"$\boxed{3.2 \times 10^{-3}}$", r"$\boxed{0.0032}$", 1.0),
+    (r"$\boxed{3\frac{1}{2}}$", r"$\boxed{\frac{7}{2}}$", 1.0),  # a mixed number
+    # A dataset's answer column: the bare answer.
+    (r"$\boxed{0.25}$", r"\frac{1}{4}", 1.0),
+    (r"$\boxed{\dfrac{3}{4}}$", "3/4", 1.0),
+    # Wrong answers: nothing to pay for.
+    ("AZYUK2A", "2", 0.0),  # garbage with a digit
+    ("AZYUK2A", "#### 2", 0.0),
+    (r"the answer is $\frac{1+\sqrt5}{2}$", "2", 0.0),
+    (r"$\boxed{32, 349}$", "32349", 0.0),  # a list is not one number
+    (r"$\boxed{32, 349}$", "#### 32,349", 0.0),
+    (r"\boxed{1, 2, 3}", "#### 123", 0.0),
+    (r"The answer is $2^{10}$.", r"$\boxed{10}$", 0.0),  # only an exponent
+    (r"The answer is $x^5$.", "#### 5", 0.0),
+    (r"The answer is $\frac{1}{7}$.", "#### 7", 0.0),  # only a denominator
+    (r"The answer is $\boxed{\frac{1}{7}}$.", "#### 7", 0.0),
+    (r"\boxed{0.333}", r"$\boxed{\frac{1}{3}}$", 0.0),
+    (r"\boxed{\pi}", r"$\boxed{3.14159}$", 0.0),
+    (r"The answer is \boxed{12", "#### 12", 0.0),  # an unclosed box
+    (r"Answer \boxed{7}. Double-check: \boxed{12", "#### 12", 0.0),
+    (r"The answer is $\boxed{\frac{1}{2}$.", r"$\boxed{\frac12}$", 0.0),
+    ("", "#### 0", 0.0),  # an empty completion
+    ("", r"$\boxed{0}$", 0.0),
+    (r"\boxed{}", "#### 0", 0.0),
+    (r"\boxed{6} or maybe \boxed{7}", r"$\boxed{7}$", 0.0),  # a hedge is no answer
+    (r"\boxed{6} or maybe \boxed{7}", r"$\boxed{6}$", 0.0),
     (r"\boxed{1/0}", "#### 0", 0.0),
-    (r"\boxed{__import__('os').system('x')}", "#### 0", 0.0),
-    ("__import__('os').system('x')", "#### 0", 0.0),
+    (r"\boxed{__import__('os').system('echo hi')}", "#### 0", 0.0),  # parsed, never run
+    # Known limitations of the library: kept, with the right score.
+    pytest.param(r"First \boxed{3}. No wait, the answer is \boxed{4}.", "#### 4", 1.0,
+                 **library_limit("a corrected answer: both boxes are read as the set {3, 4}")),
+    pytest.param(r"$\boxed{0.\overline{3}}$", r"$\boxed{\frac{1}{3}}$", 1.0,
+                 **library_limit("a repeating decimal \\overline is not parsed")),
+    pytest.param("The answer is 3.2e-3.", r"$\boxed{0.0032}$", 1.0,
+                 **library_limit("e-notation in prose is read as 3.2")),
+    pytest.param(r"$\boxed{(1,2)}$", r"$\boxed{\{1,2\}}$", 0.0,
+                 **library_limit("a pair or interval (1,2) equals the set {1,2}")),
+    pytest.param(r"$\boxed{\sqrt{-4}}$", r"$\boxed{2i}$", 1.0,
+                 **library_limit("square roots of negatives are not simplified")),
+    pytest.param(r"$\boxed{\emptyset}$", r"$\boxed{\varnothing}$", 1.0,
+                 **library_limit("\\varnothing is not the empty set")),
+    pytest.param(r"The answer is \fbox{5}.", "#### 5", 1.0,
+                 **library_limit("outside $...$ only \\boxed{ is a box, not \\fbox{")),
+    pytest.param(r"The answer is \boxed {5}.", "#### 5", 1.0,
+                 **library_limit("outside $...$ a space after \\boxed hides the box")),
 ]
 
 
 @pytest.mark.parametrize("completion, reference, expected", REWARD_CASES)
 def test_math_reward(completion, reference, expected):
     assert lgrpo.math_reward(completion, reference) == expected
+
+
+def test_math_rewards_score_a_step_and_read_each_reference_once(monkeypatch):
+    import math_verify
+    parsed = []
+
+    def counting_parse(text, *args, **kwargs):
+        parsed.append(text)
+        return real_parse(text, *args, **kwargs)
+
+    real_parse = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", counting_parse)
+    completions = [r"\boxed{72}", r"\boxed{71}", "72", r"\boxed{\frac{1}{2}}", "0.5", "no idea"]
+    references = [GSM8K_72] * 3 + [r"$\boxed{\frac12}$"] * 3
+    rewards, errors = lgrpo.math_rewards(completions, references)
+    assert rewards == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0] and errors == 0
+    assert parsed.count(r"\boxed{72}") == 2  # the reference once, the first completion once
+    assert parsed.count(r"\boxed{\frac12}") == 1 and len(parsed) == 2 + len(completions)
+    assert lgrpo.compute_rewards(lgrpo.math_reward, completions, references)[1] == 0
+
+
+def test_math_verify_failures_score_0_and_are_counted(monkeypatch):
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    def slow_verify(gold, answer, *args, **kwargs):  # as when its signal.alarm fires
+        raise TimeoutException("Operation timed out!")
+
+    def broken_parse(text, *args, **kwargs):
+        if "boom" in text:
+            raise ValueError("cannot parse")
+        return real_parse(text, *args, **kwargs)
+
+    real_parse = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", broken_parse)
+    assert lgrpo.math_rewards([r"\boxed{72}", "boom 72", "no answer"], [GSM8K_72] * 3) == (
+        [1.0, 0.0, 0.0], 1)  # "no answer" is wrong, not an error
+    # A reference it cannot read: each of its completions counts.
+    assert lgrpo.math_rewards(["72", "72", "72"], ["boom", "boom", GSM8K_72]) == (
+        [0.0, 0.0, 1.0], 2)
+    assert lgrpo.math_rewards(["5"], [""]) == ([0.0], 1)  # an empty reference
+    monkeypatch.setattr(math_verify, "verify", slow_verify)
+    assert lgrpo.math_rewards([r"\boxed{72}", ""], [GSM8K_72] * 2) == ([0.0, 0.0], 1)
+
+
+def test_math_reward_off_the_main_thread_is_a_clear_error():
+    import threading
+    caught = []
+
+    def score():
+        try:
+            lgrpo.math_reward(r"\boxed{72}", GSM8K_72)
+        except RuntimeError as error:
+            caught.append(str(error))
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    worker.join()
+    assert caught and "main thread" in caught[0] and "--reward" in caught[0]
+
+
+def test_custom_reward_counts_no_errors():
+    def length(completion, reference):
+        return len(completion)
+
+    rewards, errors = lgrpo.compute_rewards(length, ["ab", "abc"], ["#### 1", "#### 1"])
+    assert rewards.tolist() == [2.0, 3.0] and errors is None
+
+
+def test_missing_math_verify_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify fails
+    with pytest.raises(lgrpo.InputError, match="pip install 'math-verify"):
+        lgrpo.math_reward("72", "#### 72")
+
+
+def test_the_core_needs_no_math_verify():
+    code = ("import sys, lgrpo; lgrpo.load_reward(None); lgrpo.boxed_closed('x');"
+            "assert 'math_verify' not in sys.modules and 'sympy' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -1678,6 +1934,16 @@ def test_last_boxed(text, expected):
     assert lgrpo.last_boxed(text) == expected
 
 
+@pytest.mark.parametrize("reference, expected", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+    ("a #### 1\nb #### 1,234", "1,234"),
+    (r"Thus the answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+    ("  42 \n", "42"),
+])
+def test_reference_answer(reference, expected):
+    assert lgrpo.reference_answer(reference) == expected
+
+
 @pytest.mark.parametrize("text, expected", [
     ("", False),
     ("Let me think about 3 + 4 = 7.", False),
@@ -1687,6 +1953,8 @@ def test_last_boxed(text, expected):
     (r"\boxed{\frac{1}{2}", False),
     (r"\boxed{\frac{1}{2}}", True),
     (r"\boxed{7} and then \boxed{8", True),  # only the first box matters
+    (r"\boxed{\boxed{7}", False),
+    (r"\fbox{7} \boxed {7}", False),  # the authors' rule reads exactly "\boxed{"
 ])
 def test_boxed_closed(text, expected):
     assert lgrpo.boxed_closed(text) == expected
@@ -1697,54 +1965,6 @@ def test_boxed_closed_token_by_token():
     closed_at = text.index("}} and") + 2  # just after the box's own closing brace
     flags = [lgrpo.boxed_closed(text[:n]) for n in range(closed_at - 20, closed_at + 5)]
     assert flags == [False] * 20 + [True] * 5
-
-
-@pytest.mark.parametrize("text, expected", [
-    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
-    ("It is 3, then 4, then 5.", "5"),
-    ("It costs $1,234.50 in total.", "1,234.50"),
-    ("Half of it: 3/4 of a cup", "3/4"),
-    ("Pages 3-5 were missing", "5"),
-    ("The change is -12.5 degrees", "-12.5"),
-    ("The answer is 18.", "18"),
-    ("1,2345", "2345"),
-    ("no digits", None),
-    (r"5 then \boxed{\frac{1}{2}", "2"),  # unclosed box: fall back to last number
-])
-def test_extract_answer(text, expected):
-    assert lgrpo.extract_answer(text) == expected
-
-
-@pytest.mark.parametrize("raw, expected", [
-    ("0.5", "1/2"),
-    ("1/2", "1/2"),
-    (r"\frac{1}{2}", "1/2"),
-    (r"\dfrac{2}{4}", "1/2"),
-    ("2.0", "2"),
-    ("2.00", "2"),
-    (" 2 ", "2"),
-    ("-0", "0"),
-    ("1,234", "1234"),
-    ("(1,234)", "(1,234)"),
-    (r"\$ 18.", "18"),
-    (r"45^{\circ}", "45"),
-    (r"\text{ Monday }", "Monday"),
-    (r"\left[ 0, 1 \right)", "[0,1)"),
-    ("x = 5", "x=5"),
-    ("1" * 5000, "1" * 5000),  # too long for int(): kept as a string, no crash
-])
-def test_normalize_answer(raw, expected):
-    assert lgrpo.normalize_answer(raw) == expected
-
-
-@pytest.mark.parametrize("reference, expected", [
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
-    ("a #### 1\nb #### 1,234", "1,234"),
-    (r"Thus the answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
-    ("  42 \n", "42"),
-])
-def test_reference_answer(reference, expected):
-    assert lgrpo.reference_answer(reference) == expected
 
 
 def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
@@ -1763,6 +1983,67 @@ def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
     stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
     fired = torch.stack([stop(ids[:, :n], None) for n in range(1, ids.shape[1] + 1)], 1)
     assert fired.int().argmax(1).add(1)[[0, 2]].tolist() == [lengths[0], lengths[2]] and not fired[1].any()
+
+
+def byte_level_bpe():
+    """A GPT-2-style byte-level BPE trained here: its tokens split multi-byte characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([r"so \boxed{\frac{1}{2}} and x^{2} = 4 é ° ∑"] * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_stop_when_boxed_agrees_with_decoding_every_prefix(tokenizer):
+    tok = lgrpo.char_tokenizer() if tokenizer == "char" else byte_level_bpe()
+    pieces = ["\\boxed{", "\\box", "ed{", "{", "}", "}{", "\\", " so ", "x", "72", "\\frac{1}{2}"]
+    pieces += ["é", "°", "∑"] if tokenizer == "bpe" else []
+    rng = random.Random(0)
+    for _ in range(40):
+        texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 20))) for _ in range(3)]
+        rows = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        if tokenizer == "bpe":  # random byte tokens: broken UTF-8 between the pieces
+            rows = [r + [rng.randrange(len(tok)) for _ in range(4)] + r for r in rows]
+        ids = lgrpo.pad_completions(rows, pad_id=tok.eos_token_id)[0]
+        T = ids.shape[1]
+        prefixes = [[tok.decode(r[:t], skip_special_tokens=True) for t in range(1, T + 1)]
+                    for r in ids.tolist()]
+        # The slow obvious way: the first t whose decoded prefix has the first box closed.
+        want = [next((t + 1 for t, p in enumerate(ps) if lgrpo.boxed_closed(p)), T + 1)
+                for ps in prefixes]
+        stop = lgrpo.StopWhenBoxed(tok, prompt_len=2)
+        prompt = torch.zeros(ids.shape[0], 2, dtype=ids.dtype)
+        fired = torch.stack([stop(torch.cat([prompt, ids[:, :t]], 1), None)
+                             for t in range(1, T + 1)], 1)
+        got = [int(f.int().argmax()) + 1 if f.any() else T + 1 for f in fired]
+        assert got == want == lgrpo.boxed_lengths(tok, ids).tolist(), texts
+
+
+def test_stop_when_boxed_decodes_each_token_a_bounded_number_of_times():
+    # 300 nested boxes that never close: every "}" used to re-decode the whole completion.
+    tokenizer = lgrpo.char_tokenizer()
+    text = "\\boxed{" * 300 + "}" * 299
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    decoded = []
+    real_decode = tokenizer.decode
+
+    def counting_decode(token_ids, *args, **kwargs):  # batch_decode calls it too
+        ids_list = token_ids.tolist() if torch.is_tensor(token_ids) else list(token_ids)
+        nested = ids_list and isinstance(ids_list[0], list)
+        decoded.append(sum(map(len, ids_list)) if nested else len(ids_list))
+        return real_decode(token_ids, *args, **kwargs)
+
+    tokenizer.decode = counting_decode
+    stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
+    for t in range(1, ids.shape[1] + 1):
+        assert not stop(ids[:, :t], None).any()
+    assert 0 < sum(decoded) <= 3 * ids.shape[1]
+
 
 @pytest.mark.parametrize("value, shown", [
     (None, "returned None"), ("1.0", "returned a str, '1.0'"),
@@ -1966,7 +2247,7 @@ REFUSALS = {  # case: (extra flags, what the error must say)
                       "'lambda' → 'grpo'; --group-size 4 → 2; --lr 0.01 → 0.5; --seed 0 → 3. "
                       "Pass the run's own values (only --steps, --save-every, "),
     "nothing left to do": (["--steps", 2], "--steps 2: the run in {out} is already at step 2"),
-    "malformed line before the last": ([], "metrics.jsonl, line 1: not a JSON object"),
+    "malformed line before the last": ([], "metrics.jsonl, line 1: not a JSON row"),
 }
 
 
@@ -2164,11 +2445,70 @@ def test_a_bad_bench_flag_is_refused_before_anything_is_timed(monkeypatch, capsy
 
 
 # ================================================================================================
+# Appendix D. Plots
+# ================================================================================================
+
+def fake_run(path, loss, steps=30, evals=True, kl=True, half_line=False):
+    """A run folder as `train` leaves it: metrics.jsonl (step rows, eval rows every 10 steps when
+    `evals`, KL when `kl`, half a row at the end when the run is still writing) and
+    run_config.json."""
+    path.mkdir()
+    with open(path / "metrics.jsonl", "w") as f:
+        for step in range(1, steps + 1):
+            f.write(json.dumps({"step": step, "reward_mean": min(1.0, step / 20), "loss": 0.1,
+                                "kl": 0.01 * step if kl else None, "completion_len": 3 + step % 2,
+                                "path_depth": 1 + step / steps, "intermediate_prop": step / steps,
+                                "flat_frac": 0.0}) + "\n")
+            if evals and step % 10 == 0:
+                f.write(json.dumps({"step": step, "eval_accuracy": step / 40}) + "\n")
+        if half_line:
+            f.write('{"step": 31, "reward_me')
+    (path / "run_config.json").write_text(json.dumps({"loss": loss, "steps": steps}))
+    return path
+
+
+def test_plot_two_runs_and_a_run_without_eval_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    grpo = fake_run(tmp_path / "grpo", "grpo")
+    running = fake_run(tmp_path / "lambda", "lambda", evals=False, kl=False, half_line=True)
+    both, alone = tmp_path / "both.png", tmp_path / "alone.png"
+    run_cli("plot", grpo, running, "--out", both)
+    lgrpo.main(["plot", running, "--out", alone, "--smooth", 5])
+    assert is_png(both) and is_png(alone)
+
+
+def test_read_metrics_leaves_out_only_a_half_written_last_line(tmp_path):
+    run = fake_run(tmp_path / "run", "lambda", steps=3, evals=False, half_line=True)
+    assert [r["step"] for r in lgrpo.read_metrics(run)] == [1, 2, 3]
+    lines = (run / "metrics.jsonl").read_text().split("\n")
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{broken", *lines[1:]]))
+    with pytest.raises(lgrpo.InputError, match="line 2"):
+        lgrpo.read_metrics(run)
+    with pytest.raises(lgrpo.InputError, match="no metrics.jsonl"):
+        lgrpo.read_metrics(tmp_path)
+
+
+def test_run_loss_from_run_config_or_else_a_checkpoint(tmp_path):
+    assert lgrpo.run_loss(fake_run(tmp_path / "new", "grpo", steps=1)) == "grpo"
+    old = tmp_path / "old"  # a run from before run_config.json: its checkpoint's saved arguments
+    (old / "checkpoint-2").mkdir(parents=True)
+    torch.save({"step": 2, "args": {"loss": "lambda"}}, old / "checkpoint-2" / "trainer_state.pt")
+    assert lgrpo.run_loss(old) == "lambda"
+    assert lgrpo.run_loss(tmp_path) is None
+
+
+def test_plots_without_matplotlib_are_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure fails
+    with pytest.raises(lgrpo.InputError, match="pip install matplotlib"):
+        lgrpo.plot_runs([fake_run(tmp_path / "run", "grpo", steps=2)], tmp_path / "x.png")
+
+
+# ================================================================================================
 # The benchmark and the tutorial
 # ================================================================================================
 
 def test_bench_quick_smoke(tmp_path):
-    """`python bench.py --quick` runs end to end and writes the three tables; timings are never asserted."""
+    """`python bench.py --quick` runs end to end and writes the four tables; timings are never asserted."""
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=600)
@@ -2188,7 +2528,11 @@ def test_bench_quick_smoke(tmp_path):
     (mem,) = result["logprob_memory"]
     assert {"device", "vocab", "T", "batch", "token_logprobs_mb", "naive_mb", "ours_over_naive"} <= set(mem)
     assert (mem["vocab"], mem["T"]) == (4096, 128)
-    for table in ("1. ms per group", "2. Training step", "3. Peak memory"):
+    reward = result["reward"]
+    assert [r["count"] for r in reward["reward"]] == [60, 2]  # --quick: 10 problems x 6
+    assert all(0 < r["median_ms"] <= r["p90_ms"] <= r["max_ms"] for r in reward["reward"])
+    assert [r["nested_boxes"] for r in reward["boxed_stop"]] == [150, 300]
+    for table in ("1. ms per group", "2. Training step", "3. Peak memory", "4. The reward"):
         assert table in proc.stdout
 
 
