@@ -2388,6 +2388,7 @@ TOY_FLAGS = [
                          "quotes: --r-neg ' -1e30'."),
     ("--json", "/no/such/folder/table1.json", "--json /no/such/folder/table1.json: cannot write "
                                               "there (No such file or directory)"),
+    ("--plot", "/no/such/folder/toy.png", "--plot /no/such/folder/toy.png: cannot write there"),
     ("--toy-model", "./no/such/model", "--toy-model ./no/such/model: no such folder"),
 ]
 
@@ -2399,6 +2400,14 @@ def test_a_bad_toy_flag_is_refused_before_any_worker_starts(monkeypatch, capsys,
     forbid(monkeypatch, "toy_sweep", "toy_run")
     error = main_error(["toy", flag, value], capsys)
     assert error.startswith("lgrpo: error: " + message)
+
+
+@pytest.mark.parametrize("command", ["plot", "plot-toy"])
+def test_a_figure_that_cannot_be_written_is_refused_before_reading(tmp_path, monkeypatch, capsys,
+                                                                   command):
+    forbid(monkeypatch, "plot_runs", "plot_toy_file")
+    error = main_error([command, tmp_path, "--out", "/no/such/folder/figure.png"], capsys)
+    assert error.startswith("lgrpo: error: --out /no/such/folder/figure.png: cannot write there")
 
 
 def test_a_negative_exponent_passes_as_the_error_says():
