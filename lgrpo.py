@@ -53,11 +53,6 @@ class InputError(ValueError):
     as one line, `lgrpo: error: ...`, without a traceback; anything else keeps its traceback."""
 
 
-def warn(message):
-    """One line on stderr, like an error's, for something the tool works around and goes on."""
-    print(f"lgrpo: warning: {message}", file=sys.stderr)
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # 1. GRPO: a group of completions, outcome advantages, token log-probs and the loss of eq. (2)
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -294,16 +289,6 @@ def build_trie(completions, rewards, eps=1e-4):
     return grow(root)
 
 
-def token_value(token):
-    """A token as a hashable value: a one-element tensor becomes its number."""
-    if not torch.is_tensor(token):
-        return token
-    if token.numel() != 1:
-        raise ValueError(f"a token must be one number, got a tensor of shape {tuple(token.shape)}: "
-                         "give each completion as a list of token ids or a 1-D tensor.")
-    return token.item()
-
-
 def trie_steps(root):
     """All process steps (nodes below the root) in depth-first order."""
     for child in root.children:
@@ -470,6 +455,16 @@ def check_completions(completion_ids, completion_mask, group_size):
                          "right-padded, its mask 1…1 0…0 (left-pad the prompt, not the "
                          "completion).")
     return mask
+
+
+def token_value(token):
+    """A token as a hashable value: a one-element tensor becomes its number."""
+    if not torch.is_tensor(token):
+        return token
+    if token.numel() != 1:
+        raise ValueError(f"a token must be one number, got a tensor of shape {tuple(token.shape)}: "
+                         "give each completion as a list of token ids or a 1-D tensor.")
+    return token.item()
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -1745,6 +1740,12 @@ def check_prompt_lengths(args, problems):
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # C. Runs: checkpoints and resume
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def warn(message):
+    """One line on stderr, like an error's, for something the tool works around and goes on."""
+    print(f"lgrpo: warning: {message}", file=sys.stderr)
+
 
 def checkpoint_dirs(output_dir):
     """Finished checkpoints under `output_dir`, oldest first."""
