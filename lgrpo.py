@@ -1159,8 +1159,9 @@ def setup_training(args, device, resume_from):
     if args.beta > 0 and not args.lora_r:  # with LoRA the reference is the base model, adapters off
         reference = load_causal_lm(args.model, dtype, device, args.trust_remote_code)
         reference.eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:  # renamed in transformers 5; 4.x has only the old name
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay,
                                   fused=True)
