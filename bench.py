@@ -3,7 +3,8 @@
   1. Process sets: `process_set_sizes` and `lambda_weights` against a recursive Python trie.
   2. A training step of `lgrpo.py train`, GRPO against λ-GRPO, split into its phases.
   3. Peak memory of the sampled tokens' log-probs: `token_logprobs` against the naive form.
-  4. When trl is installed: a step of `lgrpo.py train` against TRL's GRPOTrainer and
+  4. The reward: Math-Verify's cost per call and per step, and the boxed stop.
+  5. When trl is installed: a step of `lgrpo.py train` against TRL's GRPOTrainer and
      `lgrpo.LambdaGRPOTrainer`, TRL's gradient checkpointing on and off.
 
 Timings are printed and written with --json, never asserted: the test suite runs `--quick` as a
@@ -14,7 +15,9 @@ import argparse
 import json
 import multiprocessing
 import os
+import random
 import statistics
+import sys
 import tempfile
 import time
 
@@ -192,7 +195,7 @@ def bench_train_step(args, device, workdir):
     big = model.config.model_type != "llama"
     G, prompts = 8, 4
     new_tokens = 16 if args.quick else 512 if big else 64
-    steps = 2 if args.quick else max(2, args.steps)  # step 1 is warm-up, never reported
+    steps = 2 if args.quick else args.steps  # step 1 is warm-up, never reported
     model_type = model.config.model_type
     path, data = save_model_and_data(model, tokenizer, workdir, prompts)
     del model
@@ -305,7 +308,106 @@ def bench_logprob_memory(args, device):
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
-# 4. lgrpo against TRL
+# 4. The reward: Math-Verify per call and per step, and the boxed stop
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+REASONING = [
+    "Let me think step by step.", "First, we count the apples in each basket.",
+    r"We have $x^2 - 5x + 6 = 0$, so $(x-2)(x-3) = 0$.", r"Then $\frac{3}{4} \cdot 12 = 9$.",
+    "Each box holds 12 eggs, so 5 boxes hold 60 eggs.", "Wait, let me double-check this.",
+    r"By the Pythagorean theorem, $c = \sqrt{a^2 + b^2}$.", r"Substituting, $y = 2(3) + 1 = 7$.",
+    r"So $\angle ABC = 45^\circ$.", "She earns $18 an hour for 7 hours, which is 126 dollars.",
+]
+# (the completion's boxed answer, the reference) as GSM8K and MATH write them; n and d vary.
+ANSWER_KINDS = [
+    ("{n}", "He pays <<{n}>>{n:,} in all.\n#### {n:,}"),
+    (r"\frac{{{n}}}{{{d}}}", r"The answer is $\boxed{{\dfrac{{{n}}}{{{d}}}}}$."),
+    (r"\sqrt{{{n}}}", r"So $r = \boxed{{\sqrt{{{n}}}}}$."),
+    (r"{n}\%", "#### {n}"),
+    (r"{n}\text{{ cm}}", r"The side is $\boxed{{{n}}}$."),
+    (r"({n}, {d})", r"$\boxed{{({n},{d})}}$"),
+    (r"[{d}, {n})", r"$\boxed{{[{d},{n})}}$"),
+    (r"\text{{(B)}}", r"$\boxed{{\text{{(B)}}}}$"),
+]
+
+
+def reward_problems(count, seed):
+    """(reference, six completions) per problem: 3 to 60 sentences of reasoning, then a boxed
+    answer of the reference's kind, right about half the time; distinct numbers, so that
+    Math-Verify's small caches do not help."""
+    rng = random.Random(seed)
+    problems = []
+    for _ in range(count):
+        n, d = rng.randint(2, 5000), rng.randint(2, 97)
+        answer, reference = ANSWER_KINDS[rng.randrange(len(ANSWER_KINDS))]
+        completions = []
+        for _ in range(6):
+            reasoning = " ".join(rng.choice(REASONING) for _ in range(rng.randint(3, 60)))
+            given = n if rng.random() < 0.5 else n + rng.randint(1, 9)
+            completions.append(f"{reasoning} So the answer is "
+                               f"$\\boxed{{{answer.format(n=given, d=d)}}}$.")
+        problems.append((reference.format(n=n, d=d), completions))
+    return problems
+
+
+def percentile(sorted_values, q):
+    return sorted_values[min(len(sorted_values) - 1, int(q * len(sorted_values)))]
+
+
+def stop_seconds(tokenizer, n):
+    """StopWhenBoxed over n nested \\boxed{ that never close (then n − 1 "}"), asked after every
+    token as generate asks it, then boxed_lengths: (criterion s, boxed_lengths s)."""
+    text = "\\boxed{" * n + "}" * (n - 1)
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
+    start = time.perf_counter()
+    for t in range(1, ids.shape[1] + 1):
+        stop(ids[:, :t], None)
+    middle = time.perf_counter()
+    lgrpo.boxed_lengths(tokenizer, ids)
+    return middle - start, time.perf_counter() - middle
+
+
+def bench_reward(args):
+    """math_reward per call (median, p90, max) and per training step (math_rewards on the
+    paper's 4 problems × 6 completions), and the boxed stop on n nested unclosed boxes."""
+    start = time.perf_counter()
+    lgrpo.math_reward("72", "#### 72")  # imports Math-Verify (and sympy)
+    first_call_s = time.perf_counter() - start
+    problems = reward_problems(10 if args.quick else 100, seed=0)
+    calls = []
+    for reference, completions in problems:
+        for completion in completions:
+            start = time.perf_counter()
+            lgrpo.math_reward(completion, reference)
+            calls.append(time.perf_counter() - start)
+    steps = []
+    for s in range(0, len(problems) - 3, 4):
+        batch = problems[s:s + 4]
+        completions = [c for _, group in batch for c in group]
+        references = [r for r, group in batch for _ in group]
+        start = time.perf_counter()
+        lgrpo.math_rewards(completions, references)
+        steps.append(time.perf_counter() - start)
+    calls.sort()
+    steps.sort()
+    reward = [{"what": "math_reward, one call", "count": len(calls),
+               "median_ms": 1e3 * statistics.median(calls), "p90_ms": 1e3 * percentile(calls, 0.9),
+               "max_ms": 1e3 * calls[-1]},
+              {"what": "math_rewards, one step (4 x 6)", "count": len(steps),
+               "median_ms": 1e3 * statistics.median(steps), "p90_ms": 1e3 * percentile(steps, 0.9),
+               "max_ms": 1e3 * steps[-1]}]
+    tokenizer = lgrpo.char_tokenizer()
+    stop = []
+    for n in ((150, 300) if args.quick else (1500, 3000)):
+        criterion_s, lengths_s = stop_seconds(tokenizer, n)
+        stop.append({"nested_boxes": n, "tokens": len("\\boxed{") * n + n - 1,
+                     "StopWhenBoxed_s": criterion_s, "boxed_lengths_s": lengths_s})
+    return {"first_call_s": first_call_s, "reward": reward, "boxed_stop": stop}
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────────
+# 5. lgrpo against TRL
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 
@@ -360,7 +462,7 @@ def bench_trl(args, device, workdir):
     tokenizer = lgrpo.char_tokenizer()
     G, prompts = 8, 4
     new_tokens = 16 if args.quick else 64
-    steps = 2 if args.quick else max(2, args.steps)  # step 1 is warm-up, never reported
+    steps = 2 if args.quick else args.steps  # step 1 is warm-up, never reported
     path, data = save_model_and_data(lgrpo.tiny_llama(tokenizer, max_positions=512), tokenizer,
                                      workdir, prompts)
     # TRL gets the very prompt text that lgrpo's train encodes.
@@ -446,6 +548,8 @@ def build_parser():
     p.add_argument("--repeats", type=int, default=5,
                    help="timed calls of process_set_sizes / lambda_weights per shape, median "
                         "reported (the Python trie runs once per input, median of 3)")
+    p.add_argument("--reward-only", action="store_true",
+                   help="only table 4, the reward and the boxed stop (about a minute)")
     p.add_argument("--json", default=None, help="also write the tables to this file")
     return p
 
@@ -458,8 +562,11 @@ def bench(args):
     repeats = 3 if args.quick else args.repeats
     # Other work on the machine skews CPU timings (threads wait for descheduled siblings).
     load = load_average()
-    result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load,
-              "process_sets": bench_process_sets(devices, shapes, repeats)}
+    result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load}
+    if args.reward_only:
+        reward_table(args, result)
+        return write_json(args, result)
+    result["process_sets"] = bench_process_sets(devices, shapes, repeats)
     print(format_table(f"1. ms per group, median of {repeats} repeats over 3 groups (Python trie: "
                        f"median of 3 groups, on the CPU; load average {load} on "
                        f"{os.cpu_count()} cores)", result["process_sets"]))
@@ -476,26 +583,65 @@ def bench(args):
     result["logprob_memory"] = bench_logprob_memory(args, device)
     print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 logits, MB",
                               result["logprob_memory"]))
+    print()
+    reward_table(args, result)
+    trl_table(args, device, result)
+    return write_json(args, result)
+
+
+def reward_table(args, result):
+    """Table 4, printed."""
+    reward = result["reward"] = bench_reward(args)
+    print(format_table(f"4. The reward, Math-Verify on 3-60 sentences of reasoning and a boxed "
+                       f"answer, ms (the first call, imports included: "
+                       f"{reward['first_call_s']:.1f} s)", reward["reward"]))
+    print(format_table("   The boxed stop on n nested \\boxed{ that never close, s",
+                       reward["boxed_stop"]))
+
+
+def trl_table(args, device, result):
+    """Table 5, printed when trl is installed."""
     try:
         import trl  # noqa: F401
     except ImportError:
-        print("\n4. lgrpo against TRL: skipped, trl is not installed "
+        print("\n5. lgrpo against TRL: skipped, trl is not installed "
               "(pip install 'trl>=1.16,<1.17')")
-    else:
-        with tempfile.TemporaryDirectory() as workdir:
-            trl_step = result["trl_step"] = bench_trl(args, device, workdir)
-        before, after = trl_step["load_average_1min"]
-        print("\n" + format_table(f"4. Training step in s, lgrpo against TRL, tiny Llama float32, "
-                                  f"G={trl_step['group_size']}, {trl_step['prompts']} prompts, "
-                                  f"{trl_step['new_tokens']} new tokens, β=0.04, median of "
-                                  f"{trl_step['measured_steps']} steps ({trl_step['device']}; "
-                                  f"load average {before} → {after})", trl_step["rows"]))
+        return
+    with tempfile.TemporaryDirectory() as workdir:
+        step = result["trl_step"] = bench_trl(args, device, workdir)
+    before, after = step["load_average_1min"]
+    print("\n" + format_table(f"5. Training step in s, lgrpo against TRL, tiny Llama float32, "
+                              f"G={step['group_size']}, {step['prompts']} prompts, "
+                              f"{step['new_tokens']} new tokens, β=0.04, median of "
+                              f"{step['measured_steps']} steps ({step['device']}; load average "
+                              f"{before} → {after})", step["rows"]))
+
+
+def write_json(args, result):
+    """Every table so far written with --json; the result returned."""
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        lgrpo.write_atomically(args.json, json.dumps(result, indent=1))
     return result
+
+
+BENCH_RANGES = {"steps": ("[2, inf)", "the first step is warm-up and is not reported"),
+                "repeats": ("[1, inf)", "")}
+
+
+def main(argv=None):
+    """`python bench.py`: flags checked (and the --json file tried) before anything is timed; a
+    mistake prints one line, `bench: error: ...`, and exits 2."""
+    args = build_parser().parse_args(argv)
+    try:
+        lgrpo.check_ranges(args, BENCH_RANGES)
+        if args.json:
+            lgrpo.check_writable("--json", args.json)
+        return bench(args)
+    except lgrpo.InputError as error:
+        print(f"bench: error: {error}", file=sys.stderr)
+        sys.exit(2)
 
 
 if __name__ == "__main__":
     os.environ.setdefault("TQDM_DISABLE", "1")  # the tables, not progress bars
-    bench(build_parser().parse_args())
+    main()

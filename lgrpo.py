@@ -26,15 +26,23 @@ import argparse
 import copy
 import dataclasses
 import importlib
+import importlib.util
 import json
 import math
+import numbers
 import os
+import pickle
 import random
 import re
 import shutil
 import sys
+import threading
 import time
-from fractions import Fraction
+
+try:
+    import fcntl
+except ImportError:  # Windows: run folders are not locked
+    fcntl = None
 
 import torch
 import torch.nn.functional as F
@@ -93,12 +101,17 @@ def group_advantages(rewards, group_size, eps=1e-4):
     """Outcome advantages a_i = (r_i − mean(r)) / (std(r) + ε) within each group.
 
     The std is the sample (n−1) one, as in the paper's worked example. A group whose rewards are
-    all equal carries no signal: its advantages are exactly 0, never 0/0.
+    all equal carries no signal: its advantages are exactly 0, never 0/0. Computed in float64
+    (a float32 sum of rewards near 3e38 overflows) and returned in the rewards' dtype.
     """
-    r = check_rewards(rewards, group_size).view(-1, group_size)
+    if not eps >= 0:
+        raise ValueError(f"eps must be ≥ 0 (got {eps}): a negative ε flips the sign of every "
+                         "advantage of a group whose std is below |ε|.")
+    r = check_rewards(rewards, group_size)
+    dtype, r = r.dtype, r.double().view(-1, group_size)
     a = (r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + eps)
     flat = (r == r[:, :1]).all(1, keepdim=True)
-    return torch.where(flat, torch.zeros_like(a), a).view(-1)
+    return torch.where(flat, torch.zeros_like(a), a).view(-1).to(dtype)
 
 
 def logprobs_of(logits, targets, temperature):
@@ -121,6 +134,9 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, temperatu
     bf16/fp16 logits each chunk is recomputed in the backward pass, so that no float32 copy of
     the full [B, T, V] logits is ever kept.
     """
+    if not 0 < temperature < math.inf:
+        raise ValueError(f"temperature must be > 0 and finite (got {temperature}): the logits are "
+                         "divided by it; greedy decoding has no log-probs to train on.")
     B, T = input_ids.shape[0], input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -153,7 +169,8 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_e
     tokens divided by their number. "sequence": mean over each completion, then over completions.
     With old_logp = logp.detach(), P is 1 in value and clipping never acts (μ = 1).
     """
-    check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation)
+    check_loss_inputs(logp, old_logp, advantages, mask, weights=weights, aggregation=aggregation,
+                      clip_eps=clip_eps, beta=beta)
     A = advantages[:, None] if advantages.dim() == 1 else advantages
     ratio = torch.exp(logp - old_logp)
     loss = -torch.min(ratio * A, ratio.clamp(1 - clip_eps, 1 + clip_eps) * A)
@@ -236,10 +253,16 @@ class TrieNode:
 def build_trie(completions, rewards, eps=1e-4):
     """The explicit prefix trie of one group, built the slow obvious way.
 
-    `completions` is a list of token lists. The root is the shared prompt (no tokens, not a
-    step); every other node is a maximal run of tokens shared by exactly the same completions.
-    Each node carries its Monte-Carlo step reward R̂(λ) and step advantage.
+    `completions` is a list of token lists (or 1-D tensors). The root is the shared prompt (no
+    tokens, not a step); every other node is a maximal run of tokens shared by exactly the same
+    completions. Each node carries its Monte-Carlo step reward R̂(λ) and step advantage.
     """
+    if len(rewards) != len(completions):
+        raise ValueError(f"{len(rewards)} rewards for {len(completions)} completions: give one "
+                         "reward per completion of the group.")
+    # Tokens are compared and hashed: a 0-d tensor hashes by identity, so two equal tensor tokens
+    # would never share a prefix. Read them by value.
+    completions = [[token_value(t) for t in c] for c in completions]
     rewards = check_rewards(rewards, len(completions)).double()
     advantages = group_advantages(rewards, len(completions), eps)
 
@@ -293,6 +316,8 @@ def trie_stats(completion_ids, completion_mask, group_size):
     intermediate_prop: share of a completion's tokens that lie in shared steps (|λ| > 1).
     flat_frac: share of groups whose trie is flat (every |λ| = 1: the PRM is plain ORM).
     """
+    if completion_ids.shape[0] == 0:
+        raise ValueError("trie_stats needs at least one group; the batch is empty.")
     sizes = process_set_sizes(completion_ids, completion_mask, group_size)
     valid = sizes > 0
     lengths = valid.sum(1)
@@ -390,7 +415,8 @@ def check_rewards(rewards, group_size):
     return rewards
 
 
-def check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation):
+def check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation, clip_eps, beta):
+    """Shapes, the aggregation, ε and β of `policy_loss`, and a mask of 0s and 1s only."""
     if not (logp.shape == old_logp.shape == mask.shape) or logp.dim() != 2:
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp {tuple(old_logp.shape)} and mask "
                          f"{tuple(mask.shape)} must all be the same [B, T] shape.")
@@ -402,6 +428,17 @@ def check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation):
                          f"{tuple(weights.shape)}.")
     if aggregation not in ("token", "sequence"):
         raise ValueError(f"aggregation must be 'token' or 'sequence', got {aggregation!r}.")
+    if not clip_eps > 0:
+        raise ValueError(f"clip_eps must be > 0 (got {clip_eps}): with ε ≤ 0 the clip range is "
+                         "empty or inverted; pass math.inf to turn clipping off.")
+    if not 0 <= beta < math.inf:
+        raise ValueError(f"beta must be ≥ 0 and finite (got {beta}): a negative β rewards moving "
+                         "away from the reference model.")
+    # The mask multiplies each token's term: a 2 would count a token twice. (A host sync, but
+    # only for non-boolean masks.)
+    if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
+        raise ValueError(f"mask must hold only 0 and 1, got the values "
+                         f"{sorted(set(mask.unique().tolist()) - {0, 1})}.")
 
 
 def check_completions(completion_ids, completion_mask, group_size):
@@ -418,6 +455,16 @@ def check_completions(completion_ids, completion_mask, group_size):
                          "right-padded, its mask 1…1 0…0 (left-pad the prompt, not the "
                          "completion).")
     return mask
+
+
+def token_value(token):
+    """A token as a hashable value: a one-element tensor becomes its number."""
+    if not torch.is_tensor(token):
+        return token
+    if token.numel() != 1:
+        raise ValueError(f"a token must be one number, got a tensor of shape {tuple(token.shape)}: "
+                         "give each completion as a list of token ids or a 1-D tensor.")
+    return token.item()
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -650,8 +697,18 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     (with μ = 1 it is logp itself, detached); `ref_logp` when β > 0; all three at the sampling
     `temperature`. Returns tensor statistics: the loss and clipped share averaged over the μ
     updates, the k3 KL of the sampling policy, the gradient norm before clipping.
+
+    Raises FloatingPointError, before the optimizer step and with the gradients cleared, when the
+    loss or the gradient norm is not finite: one such step would put NaN into every weight.
     """
     B = input_ids.shape[0]
+    if micro_batch_size is not None and micro_batch_size < 1:
+        raise ValueError(f"micro_batch_size must be ≥ 1 or None (got {micro_batch_size}).")
+    if updates_per_batch < 1:
+        raise ValueError(f"updates_per_batch (μ) must be ≥ 1 (got {updates_per_batch}).")
+    if not max_grad_norm > 0:
+        raise ValueError(f"max_grad_norm must be > 0 (got {max_grad_norm}): the gradient is scaled "
+                         "to at most this norm; pass math.inf to turn clipping off.")
     mb = micro_batch_size or B
     if updates_per_batch > 1 and old_logp is None:
         raise ValueError("updates_per_batch > 1 needs old_logp, the sampling policy's log-probs.")
@@ -684,6 +741,13 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
                     stats["kl"] += (torch.exp(d) - d - 1).sum() / n_tokens
         stats["grad_norm"] = torch.nn.utils.clip_grad_norm_(model.parameters(), max_grad_norm,
                                                             foreach=True)
+        # One host sync per optimizer step, the price of never stepping on a NaN.
+        if not torch.isfinite(stats["grad_norm"] + stats["loss"]):
+            optimizer.zero_grad(set_to_none=True)
+            raise FloatingPointError(
+                f"update {update + 1} of {updates_per_batch}: the loss is {float(stats['loss'])} "
+                f"and the gradient norm {float(stats['grad_norm'])}; the optimizer step was not "
+                "taken.")
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
     return stats
@@ -692,13 +756,23 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
 TOY_DEPTH = 4
 
 
+TOY_CLASSES = ("T", "0.7", "trap")  # what a sampled path can be, in the order of path_classes
+
+
+def path_classes(paths, target, n):
+    """Which of the toy's three kinds each path is (Table 1): 0 for the target T, 2 for a trap
+    (shares T's first n tokens but is not T), 1 for every other path (reward 0.7)."""
+    hit = (paths == target).all(1)
+    trap = (paths[:, :n] == target[:n]).all(1) & ~hit
+    return torch.where(hit, 0, torch.where(trap, 2, 1))
+
+
 def tree_rewards(paths, target, n, r_neg):
     """The toy's outcome reward (Table 1): 1.0 for the target path T, r_neg for every other path
     that shares T's first n tokens (a trap: T's own prefix looks bad on average), 0.7 for all the
     rest."""
-    hit = (paths == target).all(1)
-    trap = (paths[:, :n] == target[:n]).all(1)
-    return torch.where(hit, 1.0, torch.where(trap, r_neg, 0.7))
+    values = torch.tensor([1.0, 0.7, r_neg], device=paths.device)
+    return values[path_classes(paths, target, n)]
 
 
 class AllowTokens:
@@ -713,37 +787,66 @@ class AllowTokens:
         return scores + keep
 
 
-def toy_policy(name_or_path, seed):
+def toy_device(device, toy_model):
+    """The toy's torch device. "auto": CUDA when there is one and a pretrained `toy_model` plays
+    the policy (the paper's GPT-2 small); else the CPU, where the tiny default policy runs faster
+    than on a GPU (its steps are all fixed per-call cost)."""
+    if device == "auto":
+        return "cuda" if toy_model is not None and torch.cuda.is_available() else "cpu"
+    try:
+        parsed = torch.device(device)
+    except RuntimeError:
+        raise InputError(f"--device {device}: not a torch device (use auto, cpu or "
+                         "cuda).") from None
+    if parsed.type == "cuda" and not torch.cuda.is_available():
+        raise InputError(f"--device {device}: this machine has no CUDA device (use auto or cpu).")
+    return device
+
+
+def toy_policy(name_or_path, seed, device="cpu"):
     """(model, start token, [L, R] token ids): a random-init 1-layer GPT-2 over {<s>, L, R} by
-    default, or a pretrained causal LM whose tokens "L" and "R" are the two actions."""
+    default, or a pretrained causal LM whose tokens "L" and "R" are the two actions (Table 1)."""
     if name_or_path is None:
         model = tiny_gpt2(vocab_size=3, n_layer=1, n_embd=64, n_head=2, n_positions=8, seed=seed)
-        return model, 0, [1, 2]
+        return model.to(device), 0, [1, 2]
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     actions = [tokenizer.convert_tokens_to_ids(t) for t in ("L", "R")]
+    if None in actions or tokenizer.unk_token_id in actions:
+        raise InputError(f"--toy-model {name_or_path}: its vocabulary lacks the token 'L' or 'R'.")
     start = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
-    return load_causal_lm(name_or_path, torch.float32, "cpu").eval(), start, actions
+    return load_causal_lm(name_or_path, torch.float32, device).eval(), start, actions
 
 
-def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None):
-    """One training run on the tree; returns the per-step frequency of the target path.
+def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None,
+            device="cpu"):
+    """One training run on the tree of Table 1. Returns, per step, the share of sampled paths
+    equal to T ("frequency") and how many paths of each kind in TOY_CLASSES were sampled
+    ("counts": [T, 0.7, trap]).
 
     sample_completions → tree_rewards → group_advantages → lambda_weights → grpo_update
-    (μ = 1, β = 0, token aggregation).
+    (μ = 1, β = 0, token aggregation). The result is a function of the seed on a given device:
+    on CUDA the run switches on PyTorch's deterministic kernels.
     """
     threads = torch.get_num_threads()
+    deterministic = torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)  # the same arithmetic whatever the number of worker processes
+    if torch.device(device).type == "cuda":
+        # cuBLAS reads this when it starts; without it, deterministic matmuls raise an error.
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        # warn_only: an op without a deterministic kernel warns instead of ending the sweep.
+        torch.use_deterministic_algorithms(True, warn_only=True)
     try:
         seed_everything(seed)
-        model, start, actions = toy_policy(toy_model, seed)
+        model, start, actions = toy_policy(toy_model, seed, device)
         # The target depends on the seed only: GRPO and λ-GRPO face the same tree.
         coin = torch.Generator().manual_seed(seed)
         target = torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=coin)]
+        target = target.to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
-        prompt = torch.tensor([[start]])
-        inputs_mask = torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long)
-        frequency = []
+        prompt = torch.tensor([[start]], device=device)
+        inputs_mask = torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long, device=device)
+        frequency, counts = [], []
         for _ in range(steps):
             paths = sample_completions(model, prompt, torch.ones_like(prompt), group_size,
                                        max_new_tokens=TOY_DEPTH, eos_token_id=None,
@@ -757,10 +860,13 @@ def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=
                         attention_mask=inputs_mask, completion_start=1, completion_mask=mask,
                         advantages=group_advantages(rewards, group_size), weights=weights,
                         temperature=temperature)
-            frequency.append((paths == target).all(1).double().mean().item())
-        return frequency
+            kinds = torch.bincount(path_classes(paths, target, n), minlength=3).tolist()
+            frequency.append(kinds[0] / group_size)
+            counts.append(kinds)
+        return {"frequency": frequency, "counts": counts}
     finally:
         torch.set_num_threads(threads)
+        torch.use_deterministic_algorithms(deterministic)
 
 
 def toy_job(job):
@@ -769,9 +875,11 @@ def toy_job(job):
 
 
 def toy_sweep(args):
-    """Table 1: every (n, r_neg) cell × {GRPO, λ-GRPO} × seeds, in parallel worker processes."""
+    """Table 1: every (n, r_neg) cell × {GRPO, λ-GRPO} × seeds, in parallel worker processes.
+    Prints the table; writes the result with per-seed curves to --json and its figure to --plot."""
     import multiprocessing
     from tqdm import tqdm
+    args.device = toy_device(args.device, args.toy_model)  # "auto" resolved once, for the JSON
     cells = [(n, r) for n in args.n for r in args.r_neg]
     jobs = []
     for n, r in cells:
@@ -779,29 +887,35 @@ def toy_sweep(args):
             for seed in range(args.seed, args.seed + args.seeds):
                 jobs.append(dict(n=n, r_neg=r, loss=loss, seed=seed, steps=args.steps,
                                  group_size=args.group_size, lr=args.lr,
-                                 temperature=args.temperature, toy_model=args.toy_model))
+                                 temperature=args.temperature, toy_model=args.toy_model,
+                                 device=args.device))
     workers = min(args.workers or os.cpu_count(), len(jobs))
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            curves = list(tqdm(pool.imap(toy_job, jobs), total=len(jobs), desc="toy runs"))
+            runs = list(tqdm(pool.imap(toy_job, jobs), total=len(jobs), desc="toy runs"))
     else:
-        curves = [toy_run(**job) for job in tqdm(jobs, desc="toy runs")]
+        runs = [toy_run(**job) for job in tqdm(jobs, desc="toy runs")]
     last = min(50, args.steps)
     result = {"config": {k: v for k, v in vars(args).items() if k != "func"}, "cells": []}
     for n, r in cells:
         cell = {"n": n, "r_neg": r}
         for loss in ("grpo", "lambda"):
-            runs = [curve for job, curve in zip(jobs, curves)
+            mine = [run for job, run in zip(jobs, runs)
                     if (job["n"], job["r_neg"], job["loss"]) == (n, r, loss)]
-            per_seed = [sum(c[-last:]) / last for c in runs]
+            curves = [run["frequency"] for run in mine]
+            per_seed = [sum(c[-last:]) / last for c in curves]
             mean, ci = mean_ci95(per_seed)
             cell[loss] = {"mean": mean, "ci95": ci, "per_seed": per_seed,
-                          "curve": [sum(step) / len(runs) for step in zip(*runs)]}
+                          "curve": [sum(step) / len(curves) for step in zip(*curves)],
+                          "curves": curves,
+                          "time_to_target": [time_to_target(c) for c in curves],
+                          "outcomes": [run_outcome(run["counts"], last) for run in mine]}
         result["cells"].append(cell)
     print(format_table1(result))
     if args.json:
-        with open(args.json, "w") as f:
-            json.dump(result, f, indent=1)
+        write_atomically(args.json, json.dumps(result, indent=1))
+    if args.plot:
+        plot_toy(result, args.plot)
     return result
 
 
@@ -825,8 +939,51 @@ def mean_ci95(xs):
     return m, t * sd / math.sqrt(len(xs))
 
 
+def time_to_target(frequency, threshold=0.5, window=10):
+    """Time to target, our second metric for Table 1: the first step (counted from 1) at which
+    the mean share of T over the last `window` steps reaches `threshold`; None if it never does.
+    A run shorter than the window is read with a window of its length."""
+    window = min(window, len(frequency))
+    for step in range(window, len(frequency) + 1):
+        if sum(frequency[step - window:step]) / window >= threshold:
+            return step
+    return None
+
+
+def run_outcome(counts, last=50):
+    """How a seed ends (Table 1): the kind in TOY_CLASSES sampled most often over the last `last`
+    steps, from per-step counts [T, 0.7, trap]. A tie goes to the kind listed first."""
+    totals = [sum(step[kind] for step in counts[-last:]) for kind in range(len(TOY_CLASSES))]
+    return TOY_CLASSES[totals.index(max(totals))]
+
+
+def reach_summary(steps):
+    """Per-seed times to target → (mean step over the seeds that reach T, or None if none does;
+    the number of seeds that never do)."""
+    reached = [s for s in steps if s is not None]
+    return (sum(reached) / len(reached) if reached else None), len(steps) - len(reached)
+
+
+def reaches_sooner(steps, other):
+    """Whether per-seed times to target `steps` beat `other`: T reached in more seeds, or in as
+    many seeds at a lower mean step."""
+    (mean, never), (other_mean, other_never) = reach_summary(steps), reach_summary(other)
+    if never != other_never:
+        return never < other_never
+    return mean is not None and mean < other_mean
+
+
+def format_reach(steps, outcomes):
+    """One method's columns in the time-to-target table: mean step, seeds that never reach T,
+    outcomes as T/0.7/trap."""
+    mean, never = reach_summary(steps)
+    tally = "/".join(str(outcomes.count(kind)) for kind in TOY_CLASSES)
+    return f"{'-' if mean is None else f'{mean:.1f}':>6} {never:>5} {tally:>10}"
+
+
 def format_table1(result):
-    """Our Table 1 beside the paper's."""
+    """Our Table 1 beside the paper's (the last 50 steps), then per cell and method the time to
+    target and how the seeds end."""
     cells = result["cells"]
     lines = [f"{'n':>2} {'r_neg':>6} | {'GRPO':>15} {'λ-GRPO':>15} {'Δ':>7} | "
              f"paper: {'GRPO':>6} {'λ-GRPO':>6} {'Δ':>6}"]
@@ -848,6 +1005,35 @@ def format_table1(result):
     lines.append(f"mean over cells and all {len(cells[0]['grpo']['curve'])} steps: "
                  f"GRPO {every['grpo']:.4f}, λ-GRPO {every['lambda']:.4f}, "
                  f"Δ {every['lambda'] - every['grpo']:+.4f}")
+    steps = len(cells[0]["grpo"]["curve"])
+    lines += ["",
+              f"Time to target: the first step at which the {min(10, steps)}-step mean frequency "
+              "of T reaches 0.5 (mean over",
+              "the seeds that reach it; never: how many do not). Outcomes: how many seeds end on "
+              "T / on a 0.7",
+              f"path / in a trap (the kind of path sampled most in the last {min(50, steps)} "
+              "steps).",
+              f"{'':9} | {'GRPO':^23} | {'λ-GRPO':^23} |",
+              f"{'n':>2} {'r_neg':>6} | {'to T':>6} {'never':>5} {'T/0.7/trap':>10} | "
+              f"{'to T':>6} {'never':>5} {'T/0.7/trap':>10} | sooner"]
+    for cell in cells:
+        g, l = cell["grpo"], cell["lambda"]
+        sooner = ("λ-GRPO" if reaches_sooner(l["time_to_target"], g["time_to_target"]) else
+                  "GRPO" if reaches_sooner(g["time_to_target"], l["time_to_target"]) else "-")
+        lines.append(f"{cell['n']:>2} {cell['r_neg']:>6} | "
+                     f"{format_reach(g['time_to_target'], g['outcomes'])} | "
+                     f"{format_reach(l['time_to_target'], l['outcomes'])} | {sooner}")
+    sooner = sum(reaches_sooner(c["lambda"]["time_to_target"], c["grpo"]["time_to_target"])
+                 for c in cells)
+    lines.append(f"λ-GRPO reaches T sooner in {sooner} of {len(cells)} cells")
+    reached = {}
+    for loss in ("grpo", "lambda"):
+        times = [t for c in cells for t in c[loss]["time_to_target"]]
+        mean, never = reach_summary(times)
+        reached[loss] = f"{len(times) - never} of {len(times)}"
+        reached[loss] += "" if mean is None else f" (mean step {mean:.1f})"
+    lines.append(f"seeds that reach T, all cells: GRPO {reached['grpo']}, "
+                 f"λ-GRPO {reached['lambda']}")
     return "\n".join(lines)
 
 
@@ -857,20 +1043,30 @@ def format_table1(result):
 
 
 def train(args):
-    """GRPO / λ-GRPO on a causal LM and a math dataset. Writes metrics.jsonl and checkpoints."""
+    """GRPO / λ-GRPO on a causal LM and a math dataset. Writes metrics.jsonl and checkpoints.
+
+    Everything that can be checked is checked before the model is loaded: the run folder (held
+    locked until the run ends), the reward function, the data and the prompts' length.
+    """
+    with lock_run_folder(args.output_dir):
+        resume_from = prepare_run_folder(args)
+        reward_fn = load_reward(args.reward)
+        train_rows, eval_rows = load_problems(args)
+        check_prompt_lengths(args, {"train": train_rows, "eval": eval_rows})
+        return train_in_folder(args, reward_fn=reward_fn, train_rows=train_rows,
+                               eval_rows=eval_rows, resume_from=resume_from)
+
+
+def train_in_folder(args, reward_fn, train_rows, eval_rows, resume_from):
+    """The training loop of `train`, in a checked and locked run folder."""
     from tqdm import tqdm
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(args.seed)
-    os.makedirs(args.output_dir, exist_ok=True)
-    resume_from = latest_checkpoint(args) if args.resume else None
-    reward_fn = load_reward(args.reward)
-    train_rows, eval_rows = load_problems(args)
-    if args.eval_every and not eval_rows:
-        raise InputError("--eval-every needs held-out problems: pass --eval-split or "
-                         "--eval-fraction.")
     model, reference, tokenizer, optimizer = setup_training(args, device, resume_from)
     metrics_path = os.path.join(args.output_dir, "metrics.jsonl")
-    start = restore_run(args, resume_from, optimizer, metrics_path)
+    start = restore_run(resume_from, optimizer)
+    if not resume_from:
+        write_run_config(args)
     eos_ids = eos_token_ids(tokenizer, model)
     G = args.group_size
     bar = tqdm(range(start, args.steps), initial=start, total=args.steps, desc=args.loss)
@@ -887,7 +1083,8 @@ def train(args):
         shown = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
         references = [answer for _, answer in problems for _ in range(G)]
-        rewards = compute_rewards(reward_fn, texts, references).to(device)
+        rewards, reward_errors = compute_rewards(reward_fn, texts, references)
+        rewards = rewards.to(device)
         advantages = group_advantages(rewards, G, args.adv_eps)
         weights = lambda_weights(completion_ids, mask, G) if args.loss == "lambda" else None
         # 3. Log-probs the update compares against: π_old's when μ > 1, π_ref's when β > 0.
@@ -898,19 +1095,28 @@ def train(args):
         t2 = time.perf_counter()
         # 4. Update: μ optimizer steps on the batch.
         model.train()
-        stats = grpo_update(model, optimizer, input_ids=input_ids, attention_mask=attention,
-                            completion_start=P, completion_mask=mask, advantages=advantages,
-                            weights=weights, old_logp=old_logp, ref_logp=ref_logp,
-                            updates_per_batch=args.updates_per_batch,
-                            micro_batch_size=args.micro_batch_size, clip_eps=args.clip_eps,
-                            beta=args.beta, aggregation=args.aggregation,
-                            max_grad_norm=args.max_grad_norm, temperature=args.temperature)
+        try:
+            stats = grpo_update(model, optimizer, input_ids=input_ids, attention_mask=attention,
+                                completion_start=P, completion_mask=mask, advantages=advantages,
+                                weights=weights, old_logp=old_logp, ref_logp=ref_logp,
+                                updates_per_batch=args.updates_per_batch,
+                                micro_batch_size=args.micro_batch_size, clip_eps=args.clip_eps,
+                                beta=args.beta, aggregation=args.aggregation,
+                                max_grad_norm=args.max_grad_norm, temperature=args.temperature)
+        except FloatingPointError as error:
+            raise InputError(
+                f"step {step + 1}, {error} Nothing of this step was logged or saved; its rewards "
+                f"ranged from {rewards.min().item():g} to {rewards.max().item():g}. Fix the "
+                "reward function and --resume, or start over with a lower --lr in a new "
+                "--output-dir."
+            ) from None
         if device.type == "cuda":
             torch.cuda.synchronize()
         t3 = time.perf_counter()
         # 5. Log and checkpoint.
         row = {"step": step + 1, "reward_mean": rewards.mean().item(),
-               "reward_std": rewards.std().item(), "loss": float(stats["loss"]),
+               "reward_std": rewards.std().item(), "reward_errors": reward_errors,
+               "loss": float(stats["loss"]),
                "kl": float(stats["kl"]) if args.beta > 0 else None,
                "clip_frac": float(stats["clip_frac"]), "grad_norm": float(stats["grad_norm"]),
                "completion_len": mask.sum(1).double().mean().item(),
@@ -953,8 +1159,9 @@ def setup_training(args, device, resume_from):
     if args.beta > 0 and not args.lora_r:  # with LoRA the reference is the base model, adapters off
         reference = load_causal_lm(args.model, dtype, device, args.trust_remote_code)
         reference.eval().requires_grad_(False)
-    if args.gradient_checkpointing:
-        model.gradient_checkpointing_enable()
+    if args.gradient_checkpointing:  # renamed in transformers 5; 4.x has only the old name
+        enable = getattr(model, "activation_checkpointing_enable", None)
+        (enable or model.gradient_checkpointing_enable)()
     trainable = [p for p in model.parameters() if p.requires_grad]
     optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay,
                                   fused=True)
@@ -1058,7 +1265,8 @@ def evaluate(model, tokenizer, problems, reward_fn, args, device):
                                  pad_token_id=tokenizer.pad_token_id)
         texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
                                        skip_special_tokens=True)
-        total += compute_rewards(reward_fn, texts, [ref for _, ref in batch]).sum().item()
+        rewards, _ = compute_rewards(reward_fn, texts, [ref for _, ref in batch])
+        total += rewards.sum().item()
     return total / max(1, len(problems))
 
 
@@ -1170,12 +1378,12 @@ def __getattr__(name):
 # A. Answer checking
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 
-# The reward: exact match of the final answer. Model output is parsed, never evaluated.
+# The reward of the paper's runs: 1 for a correct final answer, else 0, as decided by Hugging
+# Face's Math-Verify, the checker the authors used. Model output is parsed, never evaluated.
+# Math-Verify is imported on first use only: the rest of lgrpo needs none of it.
+
+# A box as datasets write it in reference solutions (MATH uses \boxed and, rarely, \fbox).
 _BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")
-# A number in prose: a minus sign not right after a digit ("3-5" is 5), thousands commas,
-# decimals, or a fraction a/b.
-_NUMBER = re.compile(r"(?<!\d)-?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?")
-_DECIMAL = r"-?(?:\d+(?:\.\d+)?|\.\d+)"
 
 
 def _closing_brace(text, open_index):
@@ -1199,88 +1407,237 @@ def last_boxed(text):
     return None
 
 
-def boxed_closed(text):
-    """True once the first \\boxed{ has its closing brace (the authors' stopping rule)."""
-    match = _BOX_OPEN.search(text)
-    return match is not None and _closing_brace(text, match.end() - 1) is not None
-
-
-def extract_answer(text):
-    """The final answer: the last complete box, else the last number, else None."""
-    boxed = last_boxed(text)
-    if boxed is not None:
-        return boxed
-    numbers = _NUMBER.findall(text)
-    return numbers[-1] if numbers else None
-
-
-def normalize_answer(s):
-    """A canonical string: formatting stripped; numbers as exact reduced fractions, so that
-    "0.5", "1/2" and "\\frac{1}{2}" all read "1/2", and "2.00" reads "2"."""
-    s = re.sub(r"\\(?:text|textbf|mathrm|mbox)\{([^{}]*)\}", r"\1", s)
-    for junk in ("\\left", "\\right", "^{\\circ}", "^\\circ", "\u00b0", "\\$", "$", "\\%", "%",
-                 "\\!", "\\,", "\\;"):
-        s = s.replace(junk, "")
-    s = re.sub(r"\s+", "", s.replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")).rstrip(".")
-    if re.fullmatch(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?", s):  # one number with thousands commas;
-        s = s.replace(",", "")                              # a tuple "(1,234)" keeps its comma
-    try:
-        if re.fullmatch(_DECIMAL, s) or re.fullmatch(r"-?\d+/\d+", s):
-            return str(Fraction(s))
-        frac = re.fullmatch(rf"(-?)\\frac\{{({_DECIMAL})\}}\{{({_DECIMAL})\}}", s)
-        if frac:
-            value = Fraction(frac.group(2)) / Fraction(frac.group(3))
-            return str(-value if frac.group(1) else value)
-    except (ValueError, ZeroDivisionError):  # 1/0, or too many digits for int()
-        pass
-    return s
-
-
 def reference_answer(reference):
-    """The answer part of a solution: after the last "####" (GSM8K), else its last box
-    (MATH-style, OpenRS), else the whole string."""
+    """The answer part of a dataset's solution: after the last "####" (GSM8K), else its last box
+    (MATH-style, OpenRS), else the whole string (a dataset's answer column)."""
     if "####" in reference:
         return reference.rsplit("####", 1)[1].strip()
     boxed = last_boxed(reference)
     return boxed if boxed is not None else reference.strip()
 
 
+def load_math_verify():
+    """Math-Verify's parse and verify, the answers it should extract, and its timeout error."""
+    try:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
+        from math_verify.errors import TimeoutException
+    except ImportError:
+        raise InputError("the math reward needs Math-Verify: pip install 'math-verify>=0.9.0' "
+                         "(or pass your own --reward module:function).") from None
+    # Boxed answers first, then other LaTeX, then plain numbers ("The answer is 72."): the
+    # extraction Math-Verify itself uses for MATH-style gold answers.
+    targets = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
+    return parse, verify, targets, TimeoutException
+
+
+def math_rewards(completions, references):
+    """Outcome rewards (1.0 or 0.0) of a step's completions, each against its reference: 1.0
+    where Math-Verify finds the completion's final answer equal to the reference answer.
+
+    Each distinct reference is parsed once. Returns (rewards, reward_errors), reward_errors
+    being the number of completions that score 0 because parsing or verification raised or
+    timed out inside Math-Verify (each completion of a reference it cannot read counts)."""
+    if threading.current_thread() is not threading.main_thread():
+        # Math-Verify times itself out with signal.alarm, which Python allows on the main thread
+        # only; elsewhere every call would fail and every answer would silently score 0.
+        raise RuntimeError("math_reward must run on the main thread: Math-Verify times out its "
+                           "parsing with signal.alarm, which works only there. Score on the main "
+                           "thread, or pass your own --reward module:function.")
+    parse, verify, targets, timeout_error = load_math_verify()
+    failures = (Exception, timeout_error)  # its timeout is a BaseException
+
+    def parsed(text):
+        """The extracted answers of `text` ([] when there are none), or None on an error."""
+        try:
+            return parse(text, targets, raise_on_error=True)
+        except failures:
+            return None
+
+    def equal(gold, answer):
+        """True or False, or None when a comparison failed and none matched."""
+        # verify() is any() over all (gold, answer) pairs; asking pair by pair, an error in one
+        # pair cannot hide a match in another, and an error without a match is seen.
+        failed = False
+        for g in gold:
+            for a in answer:
+                try:
+                    if verify(g, a, raise_on_error=True):
+                        return True
+                except failures:
+                    failed = True
+        return None if failed else False
+
+    golds, rewards, errors = {}, [], 0
+    for completion, reference in zip(completions, references, strict=True):
+        if reference not in golds:
+            golds[reference] = parsed("\\boxed{" + reference_answer(reference) + "}")
+        gold = golds[reference]
+        answer = parsed(completion) if gold else None
+        match = equal(gold, answer) if answer is not None else None
+        rewards.append(1.0 if match else 0.0)
+        errors += match is None
+    return rewards, errors
+
+
 def math_reward(completion, reference):
-    """1.0 if the completion's final answer equals the reference's after normalization, else 0.0."""
-    predicted = extract_answer(completion)
-    predicted = normalize_answer(predicted) if predicted is not None else ""
-    return float(bool(predicted) and predicted == normalize_answer(reference_answer(reference)))
+    """1.0 if the completion's final answer equals the reference answer (Math-Verify), else 0.0."""
+    return math_rewards([completion], [reference])[0][0]
 
 
 def load_reward(spec):
-    """`module:function` → f(completion_text, reference) -> float; None → math_reward."""
+    """`module:function` → f(completion_text, reference) -> float, each value it returns checked
+    (`CheckedReward`); None → math_reward. The module is found as `python -m` finds one: in the
+    current folder first, then on the Python path."""
     if spec is None:
         return math_reward
-    module, _, name = spec.partition(":")
-    if not name:
+    module_name, _, name = spec.partition(":")
+    if not module_name or not name:
         raise InputError(f"--reward {spec!r}: write it as module:function, e.g. "
                          "my_rewards:score.")
-    return getattr(importlib.import_module(module), name)
+    cwd = os.getcwd()
+    # Only while importing: a file in the current folder must not shadow a library imported later.
+    sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ModuleNotFoundError as error:
+        if module_name != error.name and not module_name.startswith(f"{error.name}."):
+            raise  # the module is there, but something it imports is not: keep the traceback
+        raise InputError(f"--reward {spec}: no module {module_name!r} in the current folder "
+                         f"({cwd}) or on the Python path.") from None
+    finally:
+        sys.path.remove(cwd)
+    fn = getattr(module, name, None)
+    if fn is None:
+        raise InputError(f"--reward {spec}: {module.__file__} defines no {name!r}.")
+    if not callable(fn):
+        raise InputError(f"--reward {spec}: {name} is {shorten(fn)}, not a function "
+                         "f(completion_text, reference) -> float.")
+    return CheckedReward(fn, spec)
+
+
+class CheckedReward:
+    """A --reward function whose every value is checked as it is returned: one None, string or
+    NaN would otherwise end the run later with a traceback, or become a wrong reward."""
+
+    def __init__(self, fn, spec):
+        self.fn, self.spec = fn, spec
+
+    def __call__(self, completion, reference):
+        return check_reward_value(self.fn(completion, reference), self.spec, completion)
+
+
+def check_reward_value(value, name, completion):
+    """`value` as a float if it is a finite real number (bool, int, float, NumPy scalars), else an
+    InputError naming the reward function and the completion it scored."""
+    try:
+        number = float(value) if isinstance(value, numbers.Real) else None
+    except OverflowError:  # an int beyond float's range
+        number = math.inf
+    if number is not None and math.isfinite(number):
+        return number
+    shown = shorten(value)
+    if number is None and value is not None:
+        shown = f"a {type(value).__name__}, {shown}"
+    hint = " (call .item() on a one-element tensor)" if torch.is_tensor(value) else ""
+    raise InputError(f"--reward {name} returned {shown} for the completion "
+                     f"{shorten(completion)}: a reward must be a finite real number{hint}.")
+
+
+def shorten(value, width=60):
+    """repr(value), cut to about `width` characters for an error message."""
+    text = repr(value)
+    return text if len(text) <= width else text[:width] + "…"
 
 
 def compute_rewards(reward_fn, texts, references):
-    """One outcome reward per completion: reward_fn(completion_text, reference)."""
-    return torch.tensor([float(reward_fn(text, ref)) for text, ref in zip(texts, references)])
+    """One outcome reward per completion, and reward_errors: the completions Math-Verify failed
+    on (math_reward, which parses each reference once), or None for a custom reward. In float64:
+    a finite reward beyond float32's range (3.4e38) must stay finite."""
+    if reward_fn is math_reward:
+        rewards, errors = math_rewards(texts, references)
+    else:
+        rewards, errors = [float(reward_fn(t, r)) for t, r in zip(texts, references)], None
+    return torch.tensor(rewards, dtype=torch.float64), errors
+
+
+# The authors' stopping rule: a completion ends once the "\boxed{" it opens first has its closing
+# brace. Exactly this string, as in the authors' code; it is also the box Math-Verify reads.
+BOX_START = "\\boxed{"
+_BRACE = re.compile(r"[{}]")
+
+
+class BoxScan:
+    """Whether the first \\boxed{...} has closed, reading a text a piece at a time: each
+    character is looked at a bounded number of times, so the cost is linear in the length."""
+
+    def __init__(self):
+        self.tail = ""    # before the box: the last characters, which may begin BOX_START
+        self.depth = 0    # open braces of the box: > 0 while it is open
+        self.closed = False
+
+    def feed(self, text):
+        """Read the next piece of text; True once the first box has closed."""
+        if self.closed:
+            return True
+        if not self.depth:
+            text = self.tail + text
+            at = text.find(BOX_START)
+            if at < 0:
+                self.tail = text[1 - len(BOX_START):]
+                return False
+            self.depth, text = 1, text[at + len(BOX_START):]
+        for brace in _BRACE.finditer(text):
+            self.depth += 1 if brace.group() == "{" else -1
+            if self.depth == 0:
+                self.closed = True
+                break
+        return self.closed
+
+
+def boxed_closed(text):
+    """True once the first \\boxed{ has its closing brace (the authors' stopping rule)."""
+    return BoxScan().feed(text)
 
 
 class StopWhenBoxed:
-    """Stopping criterion: a row is done once its first \\boxed{...} closes (the authors' rule)."""
+    """Stopping criterion: a row is done once its first \\boxed{...} closes (the authors' rule).
+
+    Linear in the completion's length: each call decodes only a window of the newest tokens,
+    plus the token before them (tokenizers need it to space a word), and scans only the new
+    characters. A window that ends inside a multi-byte character waits for the next token."""
 
     def __init__(self, tokenizer, prompt_len):
         self.tokenizer, self.prompt_len = tokenizer, prompt_len
+        self.seen = None  # completion tokens read so far
+
+    def restart(self, rows):
+        """Fresh state for a new generate call over `rows` rows."""
+        self.seen = 0
+        self.ids = [[] for _ in range(rows)]
+        self.start = [0] * rows  # where each row's window begins
+        self.read = [0] * rows   # tokens of each row already turned into text
+        self.scans = [BoxScan() for _ in range(rows)]
 
     def __call__(self, input_ids, scores, **kwargs):
-        done = torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
-        for row, ids in enumerate(input_ids):
-            # Only a new "}" can close the box: decode the whole completion only then.
-            if "}" in self.tokenizer.decode(ids[-1:]):
-                done[row] = boxed_closed(self.tokenizer.decode(ids[self.prompt_len:]))
-        return done
+        length = input_ids.shape[1] - self.prompt_len
+        if self.seen is None or length <= self.seen or len(self.ids) != input_ids.shape[0]:
+            self.restart(input_ids.shape[0])  # a new generate call (one per chunk of rows)
+        new = input_ids[:, self.prompt_len + self.seen:].tolist()
+        self.seen = length
+        live = [r for r, scan in enumerate(self.scans) if not scan.closed]
+        for r in live:
+            self.ids[r] += new[r]
+        windows = [self.ids[r][self.start[r]:] for r in live]
+        known = [self.ids[r][self.start[r]:self.read[r]] for r in live]
+        texts = self.tokenizer.batch_decode(windows + known, skip_special_tokens=True)
+        for r, window, before in zip(live, texts, texts[len(live):]):
+            # A UTF-8 character is at most 4 bytes, so it is whole within 4 more byte-level
+            # tokens; a longer run of broken bytes is read as it stands.
+            if window.endswith("\ufffd") and len(self.ids[r]) - self.start[r] < 8:
+                continue
+            self.scans[r].feed(window[len(before):])
+            self.start[r], self.read[r] = self.read[r], len(self.ids[r])
+        return torch.tensor([scan.closed for scan in self.scans], device=input_ids.device)
 
 
 def boxed_lengths(tokenizer, completion_ids):
@@ -1292,29 +1649,41 @@ def boxed_lengths(tokenizer, completion_ids):
         lo, hi = 1, T + 1
         while lo < hi:
             mid = (lo + hi) // 2
-            lo, hi = (lo, mid) if boxed_closed(tokenizer.decode(ids[:mid])) else (mid + 1, hi)
+            closed = boxed_closed(tokenizer.decode(ids[:mid], skip_special_tokens=True))
+            lo, hi = (lo, mid) if closed else (mid + 1, hi)
         lengths.append(lo)
     return torch.tensor(lengths, device=completion_ids.device)
+
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # B. Data
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 
 FIELD_GUESSES = {"prompt": ["question", "problem", "prompt"], "answer": ["answer", "solution"]}
+DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
 
 
 def load_problems(args):
-    """(train, eval) lists of (question, reference) from a hub dataset or a local file."""
+    """(train, eval) lists of (question, reference) from a hub dataset or a local file.
+
+    Refuses an empty or malformed file, an unknown split, an empty split, and rows whose
+    question or answer is missing, null or empty (they would train on the text "None").
+    """
     import datasets
-    local = os.path.splitext(args.dataset)[1].lower()
-    formats = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "parquet"}
     if os.path.exists(args.dataset):
-        if local not in formats:
+        extension = os.path.splitext(args.dataset)[1].lower()
+        if extension not in DATA_FORMATS:
             raise InputError(f"--dataset {args.dataset}: use a .jsonl, .json, .csv or .parquet "
                              "file.")
-        data = datasets.load_dataset(formats[local], data_files=args.dataset)
+        check_data_file(args.dataset)
+        data = datasets.load_dataset(DATA_FORMATS[extension], data_files=args.dataset)
     else:
         data = datasets.load_dataset(args.dataset, args.dataset_config)
+    for flag, split in (("--train-split", args.train_split), ("--eval-split", args.eval_split)):
+        if split is not None and split not in data:
+            local = " (a local file is one split, 'train'; --eval-fraction holds problems out)"
+            raise InputError(f"{flag} {split!r}: {args.dataset} has no such split; its splits "
+                             f"are {list(data)}{local if os.path.exists(args.dataset) else ''}.")
     train_split = data[args.train_split]
     columns = train_split.column_names
     fields = {}
@@ -1324,14 +1693,65 @@ def load_problems(args):
             raise InputError(f"no {kind} field {name!r} in {args.dataset}; its columns are "
                              f"{columns}: pass --{kind}-field with one of them.")
         fields[kind] = name
+    check_problem_rows(args, train_split, fields, args.train_split)
     if args.eval_split:
         evaluation = data[args.eval_split]
+        check_problem_rows(args, evaluation, fields, args.eval_split)
     elif args.eval_fraction > 0:
         parts = train_split.train_test_split(test_size=args.eval_fraction, seed=args.seed)
         train_split, evaluation = parts["train"], parts["test"]
     else:
         evaluation = train_split.select([])
     return [problem_rows(split, fields) for split in (train_split, evaluation)]
+
+
+def check_data_file(path):
+    """Refuse an empty file, and name the line of the first malformed JSON line: the datasets
+    library says only that generating the dataset failed."""
+    extension = os.path.splitext(path)[1].lower()
+    if os.path.getsize(path) == 0:
+        raise InputError(f"--dataset {path} is empty: it holds no problems.")
+    if extension not in (".json", ".jsonl"):
+        return
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    if not text.strip():
+        raise InputError(f"--dataset {path} holds only blank lines: it holds no problems.")
+    errors = []  # (line, column, what): the one furthest into the file is the real one
+    if extension == ".json":  # one JSON document, or JSON lines
+        try:
+            json.loads(text)
+            return
+        except json.JSONDecodeError as error:
+            errors.append((error.lineno, error.colno, error.msg))
+    for number, line in enumerate(text.splitlines(), 1):
+        try:
+            if line.strip():
+                json.loads(line)
+        except json.JSONDecodeError as error:
+            errors.append((number, error.colno, error.msg))
+            break
+    else:
+        return
+    line, column, what = max(errors)
+    raise InputError(f"--dataset {path}, line {line}: not valid JSON ({what}, column {column}); "
+                     "fix or remove that line.")
+
+
+def check_problem_rows(args, split, fields, name):
+    """Refuse a split without rows, or with rows whose question is not text or is empty, or
+    whose answer is missing, null or empty, naming those rows."""
+    if len(split) == 0:
+        raise InputError(f"split {name!r} of --dataset {args.dataset} has no rows.")
+    bad = [row for row, (question, answer) in
+           enumerate(zip(split[fields["prompt"]], split[fields["answer"]]), 1)
+           if not (isinstance(question, str) and question.strip())
+           or answer is None or not str(answer).strip()]
+    if bad:
+        shown = ", ".join(map(str, bad[:10])) + (f" and {len(bad) - 10} more" if bad[10:] else "")
+        raise InputError(f"--dataset {args.dataset}, split {name!r}: rows {shown} (counting from "
+                         f"1) have a missing, null or empty {fields['prompt']!r} or "
+                         f"{fields['answer']!r}; fix or remove them.")
 
 
 def problem_rows(split, fields):
@@ -1351,25 +1771,74 @@ def step_problems(problems, step, k, seed):
     return out
 
 
-def encode_prompts(tokenizer, questions, system_prompt, device):
-    """Left-padded prompt tensors: the tokenizer's chat template when it has one (it adds its own
-    special tokens), else plain text with the tokenizer's usual special tokens (BOS)."""
-    chat = bool(getattr(tokenizer, "chat_template", None))
+def prompt_texts(tokenizer, questions, system_prompt):
+    """The prompts as text: the tokenizer's chat template when it has one (it writes its own
+    special tokens), else plain text (the tokenizer adds its usual special tokens, BOS)."""
     texts = []
     for q in questions:
-        if chat:
+        if has_chat_template(tokenizer):
             messages = [{"role": "system", "content": system_prompt},
                         {"role": "user", "content": q}]
             texts.append(tokenizer.apply_chat_template(messages, tokenize=False,
                                                        add_generation_prompt=True))
         else:
             texts.append(f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n")
-    encoded = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=not chat)
+    return texts
+
+
+def has_chat_template(tokenizer):
+    return bool(getattr(tokenizer, "chat_template", None))
+
+
+def encode_prompts(tokenizer, questions, system_prompt, device):
+    """Left-padded prompt tensors of `prompt_texts`."""
+    encoded = tokenizer(prompt_texts(tokenizer, questions, system_prompt), return_tensors="pt",
+                        padding=True, add_special_tokens=not has_chat_template(tokenizer))
     return encoded.to(device)
+
+
+def check_prompt_lengths(args, problems):
+    """Refuse, before the model is loaded, a prompt that leaves no room for --max-new-tokens in
+    the model's positions: a model with learned positions (GPT-2) would crash mid-run with an
+    IndexError, others would read positions they were never trained on.
+
+    `problems`: {split name: [(question, reference), ...]}.
+    """
+    from transformers import AutoConfig, AutoTokenizer
+    config = AutoConfig.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    limit = getattr(config, "max_position_embeddings", None)
+    if not isinstance(limit, int):
+        return  # the model names no limit
+    tokenizer = AutoTokenizer.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
+    longest, where = 0, None
+    for split, rows in problems.items():
+        if not rows:
+            continue  # the tokenizer cannot take an empty batch
+        questions = [q for q, _ in rows]
+        ids = tokenizer(prompt_texts(tokenizer, questions, args.system_prompt),
+                        add_special_tokens=not has_chat_template(tokenizer))["input_ids"]
+        for row, tokens in enumerate(ids):
+            if len(tokens) > longest:
+                longest, where = len(tokens), f"{split} problem {row + 1}, {shorten(rows[row][0])}"
+    needed = longest + args.max_new_tokens
+    if needed <= limit:
+        return
+    fix = (f"lower --max-new-tokens to at most {limit - longest}, or shorten" if longest < limit
+           else "shorten")
+    raise InputError(f"the longest prompt ({where}) is {longest} tokens, system prompt included; "
+                     f"with --max-new-tokens {args.max_new_tokens} it needs {needed} positions, "
+                     f"and {args.model} has {limit}: {fix} --system-prompt or the longest "
+                     "problems.")
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # C. Runs: checkpoints and resume
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def warn(message):
+    """One line on stderr, like an error's, for something the tool works around and goes on."""
+    print(f"lgrpo: warning: {message}", file=sys.stderr)
+
 
 def checkpoint_dirs(output_dir):
     """Finished checkpoints under `output_dir`, oldest first."""
@@ -1378,34 +1847,195 @@ def checkpoint_dirs(output_dir):
     return [os.path.join(output_dir, f"checkpoint-{s}") for s in steps]
 
 
-def latest_checkpoint(args):
-    """The checkpoint --resume continues from: the newest in --output-dir."""
-    found = checkpoint_dirs(args.output_dir)
-    if not found:
-        raise InputError(f"--resume: no checkpoint-N folder in {args.output_dir}; run without "
-                         "--resume to start, with --save-every N to write checkpoints.")
-    return found[-1]
+LOCK_FILE = ".lock"
+WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+                "pytorch_model.bin.index.json", "adapter_model.safetensors", "adapter_model.bin")
+# What --resume may change: how long to train, how often to save and evaluate, how the work is
+# cut into batches for memory, and permission to run the model's code. The rest defines the run.
+RESUMABLE_FLAGS = ("steps", "save_every", "eval_every", "eval_size", "micro_batch_size",
+                   "generation_batch_size", "gradient_checkpointing", "trust_remote_code")
 
 
-def restore_run(args, resume_from, optimizer, metrics_path):
-    """The step to start from: the checkpoint's when resuming (optimizer and random state
-    restored, later metrics rows dropped), else 0, after refusing to overwrite an earlier run."""
+def lock_run_folder(output_dir):
+    """Create `output_dir` and lock it for as long as the returned file stays open (the whole
+    run): a second run into the same folder refuses at once, instead of interleaving its rows
+    with the first run's in metrics.jsonl and deleting its checkpoints."""
+    try:
+        os.makedirs(output_dir, exist_ok=True)
+        lock = open(os.path.join(output_dir, LOCK_FILE), "a+")
+    except OSError as error:  # a file by that name, no permission, a read-only disk
+        raise InputError(f"--output-dir {output_dir}: cannot write there "
+                         f"({error.strerror}).") from None
+    if fcntl is None:  # Windows: no flock, no lock
+        return lock
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise InputError(f"--output-dir {output_dir} is in use by another run (process "
+                         f"{holder}): wait for it to end, or choose another "
+                         "--output-dir.") from None
+    except OSError as error:  # a file system without locks (some network mounts)
+        warn(f"cannot lock {output_dir} ({error.strerror}): make sure no other run writes there.")
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
+
+
+def prepare_run_folder(args):
+    """The checkpoint to resume from, or None for a new run, after checking the (locked) folder.
+
+    A new run refuses a folder that holds an earlier run. --resume takes the newest complete
+    checkpoint, refuses flags that would change what the run is, and cuts metrics.jsonl back
+    to the checkpoint's step: later rows belong to the lost part of the run.
+    """
+    out, metrics = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
+    found = checkpoint_dirs(out)
+    if not args.resume:
+        if found:
+            raise InputError(f"{out} holds an earlier run ({os.path.basename(found[-1])}): pass "
+                             "--resume to continue it, or choose another --output-dir (nothing "
+                             "was overwritten).")
+        if os.path.exists(metrics):
+            raise InputError(f"{out} holds the metrics.jsonl of an earlier run that saved no "
+                             "checkpoint, so it cannot be resumed: choose another --output-dir, "
+                             f"or delete {metrics} to start over in this one.")
+        return None
+    resume_from, state, skipped = newest_complete_checkpoint(out)
+    if resume_from is None:
+        what = (f"no complete checkpoint ({'; '.join(skipped)})" if skipped
+                else "no checkpoint-N folder")
+        if os.path.exists(metrics):
+            raise InputError(f"--resume: {out} holds metrics.jsonl but {what}: the run saved "
+                             "none (checkpoints need --save-every N), so it cannot be resumed. "
+                             "Start over in another --output-dir, or delete what this one holds "
+                             "and run without --resume.")
+        raise InputError(f"--resume: {out} holds {what}; run without --resume to start, with "
+                         "--save-every N to write checkpoints.")
+    if skipped:
+        warn(f"skipped newer checkpoints that are incomplete ({'; '.join(skipped)}); resuming "
+             f"from {os.path.basename(resume_from)}.")
+    check_resumed_flags(args, state["args"], resume_from)
+    if state["step"] >= args.steps:
+        raise InputError(f"--steps {args.steps}: the run in {out} is already at step "
+                         f"{state['step']}; pass a larger --steps to train it further.")
+    keep_metrics_until(metrics, state["step"])
+    return resume_from
+
+
+def newest_complete_checkpoint(output_dir):
+    """(folder, trainer state, skipped) for the newest checkpoint with weights and a readable
+    trainer_state.pt; `skipped` says why each newer one was passed over. (None, None, skipped)
+    when there is none. The state is memory-mapped: only the small parts are read now."""
+    skipped = []
+    for path in reversed(checkpoint_dirs(output_dir)):
+        state_file = os.path.join(path, "trainer_state.pt")
+        if not os.path.isfile(state_file):
+            problem = "no trainer_state.pt"
+        elif not any(os.path.isfile(os.path.join(path, name)) for name in WEIGHT_FILES):
+            problem = "no model weights"
+        else:
+            try:
+                state = torch.load(state_file, map_location="cpu", weights_only=True, mmap=True)
+                return path, state, skipped
+            except (RuntimeError, EOFError, OSError, pickle.UnpicklingError) as error:
+                problem = f"unreadable trainer_state.pt: {error}"
+        skipped.append(f"{os.path.basename(path)}: {problem}")
+    return None, None, skipped
+
+
+def check_resumed_flags(args, saved, checkpoint):
+    """Refuse a resume whose flags differ from the saved run's in anything but RESUMABLE_FLAGS,
+    listing each `--flag old → new`: silently mixing two configurations makes a run that is
+    neither (and the optimizer state would quietly override a new --lr)."""
+    changes = []
+    for name, old in saved.items():
+        new = getattr(args, name, old)  # a flag this version no longer has: nothing to compare
+        if name in RESUMABLE_FLAGS + ("output_dir", "resume") or new == old:
+            continue
+        if isinstance(old, str) and isinstance(new, str) and os.path.exists(old) \
+                and os.path.exists(new) and os.path.samefile(old, new):
+            continue  # one model or data file, named two ways
+        show = [shorten(v, 40) if isinstance(v, str) else v for v in (old, new)]
+        changes.append(f"--{name.replace('_', '-')} {show[0]} → {show[1]}")
+    if changes:
+        allowed = ", ".join("--" + name.replace("_", "-") for name in RESUMABLE_FLAGS)
+        raise InputError(f"--resume would change the run saved in {checkpoint}: "
+                         f"{'; '.join(changes)}. Pass the run's own values (only {allowed} may "
+                         "change), or start a new run in another --output-dir.")
+
+
+def keep_metrics_until(path, step):
+    """Keep the rows of metrics.jsonl up to `step`, rewriting the file atomically. A cut-off last
+    line (a crash or a full disk mid-append) is dropped, and a missing file tolerated, with a
+    warning; a malformed line elsewhere is refused."""
+    if not os.path.exists(path):
+        warn(f"{path} is missing: the rows of steps 1 to {step} are lost; the run goes on from "
+             f"step {step + 1}.")
+        return
+    rows, cut = parse_metrics(path)
+    if cut is not None:
+        warn(f"{path}: dropped its last line, cut off mid-write: {shorten(cut)}")
+    kept = [json.dumps(row) + "\n" for row in rows if row.get("step", 0) <= step]
+    write_atomically(path, "".join(kept))
+
+
+def parse_metrics(path):
+    """(rows, cut): the rows of a metrics.jsonl, and its last line when that was cut off
+    mid-write (no newline yet: a crash, a full disk, or a run still writing), else None. A
+    broken line before the last is an error."""
+    with open(path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    rows = []
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            row = None
+        if not isinstance(row, dict):
+            if number == len(lines):
+                return rows, line
+            raise InputError(f"{path}, line {number}: not a JSON row; fix or remove that "
+                             "line.")
+        rows.append(row)
+    return rows, None
+
+
+def restore_run(resume_from, optimizer):
+    """The step to start from: 0 for a new run; the checkpoint's when resuming, with the
+    optimizer and random state restored."""
     if not resume_from:
-        if os.path.exists(metrics_path) or checkpoint_dirs(args.output_dir):
-            raise InputError(f"{args.output_dir} holds an earlier run: pass --resume to continue "
-                             "it, or choose another --output-dir (nothing was overwritten).")
         return 0
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
     if state["cuda_rng"]:
         torch.cuda.set_rng_state_all(state["cuda_rng"])
-    # Rows logged after the checkpoint belong to the lost part of the run.
-    with open(metrics_path) as f:
-        rows = [line for line in f if json.loads(line)["step"] <= state["step"]]
-    with open(metrics_path, "w") as f:
-        f.writelines(rows)
     return state["step"]
+
+
+def write_atomically(path, text):
+    """Write `text` to `path` through a temporary file and a rename: a kill at any moment leaves
+    the old content or the new, never a truncated file."""
+    tmp = f"{path}.tmp"
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def write_run_config(args):
+    """run_config.json: the run's arguments, so that `plot` (and anyone who opens the folder
+    later) can tell which loss and settings made it."""
+    config = {k: v for k, v in vars(args).items() if k != "func"}
+    write_atomically(os.path.join(args.output_dir, "run_config.json"), json.dumps(config, indent=1))
 
 
 def append_metrics(metrics_path, rows):
@@ -1433,6 +2063,177 @@ def save_checkpoint(output_dir, step, model, tokenizer, optimizer, args):
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # D. Plots
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def new_figure(width, height):
+    """A matplotlib Figure drawn off-screen. Built without pyplot, so that plotting from a notebook
+    leaves its backend alone; matplotlib is imported here and only here."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        raise InputError("plots need matplotlib: pip install matplotlib") from None
+    return Figure(figsize=(width, height), layout="constrained")
+
+
+def save_figure(fig, out, dpi=100):
+    """Write the figure to `out` (format from its extension). A PNG is reduced to a 256-colour
+    palette: a third of the bytes with no visible change, so committed figures stay small."""
+    if not str(out).lower().endswith(".png"):
+        fig.savefig(out, dpi=dpi)
+        return
+    import io
+    from PIL import Image  # a dependency of matplotlib itself
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=dpi, facecolor="white")
+    buffer.seek(0)
+    Image.open(buffer).convert("RGB").quantize(colors=256).save(out, optimize=True)
+
+
+def trailing_mean(xs, window):
+    """Mean of each value and the up to window − 1 values before it."""
+    out, total = [], 0.0
+    for i, x in enumerate(xs):
+        total += x - (xs[i - window] if i >= window else 0.0)
+        out.append(total / min(i + 1, window))
+    return out
+
+
+def read_metrics(run_dir):
+    """The rows of a run's metrics.jsonl. A run that is still going may have written half a last
+    line: that line is left out; a broken line before it is an error."""
+    path = os.path.join(run_dir, "metrics.jsonl")
+    if not os.path.isfile(path):
+        raise InputError(f"{run_dir}: no metrics.jsonl here (plot reads the --output-dir "
+                         "folders of `train`).")
+    return parse_metrics(path)[0]
+
+
+def run_loss(run_dir):
+    """The --loss of a run: from its run_config.json, else from its latest checkpoint's saved
+    arguments (runs from before run_config.json existed); None if neither is there."""
+    config = os.path.join(run_dir, "run_config.json")
+    if os.path.isfile(config):
+        with open(config) as f:
+            return json.load(f).get("loss")
+    for checkpoint in reversed(checkpoint_dirs(run_dir)):
+        state = os.path.join(checkpoint, "trainer_state.pt")
+        if os.path.isfile(state):  # mmap: the optimizer state is not read from disk
+            return torch.load(state, weights_only=True, mmap=True)["args"].get("loss")
+    return None
+
+
+LOSS_NAMES = {"grpo": "GRPO", "lambda": "λ-GRPO"}
+
+
+def plot_runs(run_dirs, out, smooth=10):
+    """One figure comparing `train` runs: a line per run, labelled by folder and loss, for the
+    reward (raw and smoothed), eval accuracy, completion length, KL and the trie statistics of
+    the paper's overlap measurement (path depth, intermediate proportion) against the step."""
+    if smooth < 1:
+        raise InputError(f"--smooth {smooth}: the trailing mean needs at least 1 step.")
+    names = [os.path.basename(os.path.normpath(d)) for d in run_dirs]
+    if len(set(names)) < len(names):  # same folder name in different places: show the paths
+        names = [os.path.normpath(d) for d in run_dirs]
+    runs = []
+    for run_dir, name in zip(run_dirs, names):
+        rows = read_metrics(run_dir)
+        loss = run_loss(run_dir)
+        label = f"{name} ({LOSS_NAMES.get(loss, loss)})" if loss else name
+        runs.append((label, [r for r in rows if "reward_mean" in r],
+                     [r for r in rows if r.get("eval_accuracy") is not None]))
+    panels = [("reward_mean", "reward (mean over completions)", "no rows yet"),
+              ("eval_accuracy", "eval accuracy (greedy)", "no eval rows (train --eval-every N)"),
+              ("completion_len", "completion length (tokens)", "no rows yet"),
+              ("kl", "KL to the reference (k3)", "no KL logged (β = 0)"),
+              ("path_depth", "trie path depth (steps)", "no rows yet"),
+              ("intermediate_prop", "intermediate proportion", "no rows yet")]
+    fig = new_figure(12, 6)
+    grid = fig.subplots(2, 3, sharex=True)
+    for ax, (key, title, missing) in zip(grid.flat, panels):
+        ax.set_title(title, fontsize=10)
+        drawn = False
+        for color, (label, steps, evals) in enumerate(runs):
+            source = evals if key == "eval_accuracy" else steps
+            rows = [r for r in source if r.get(key) is not None]
+            if not rows:
+                continue
+            x, y = [r["step"] for r in rows], [r[key] for r in rows]
+            if key == "reward_mean":  # noisy per step: raw faint, trailing mean on top
+                ax.plot(x, y, color=f"C{color}", alpha=0.25, lw=0.8)
+                ax.plot(x, trailing_mean(y, smooth), color=f"C{color}", lw=1.8,
+                        label=f"{label}, {smooth}-step mean")
+            else:
+                ax.plot(x, y, color=f"C{color}", lw=1.2, marker="o" if len(x) < 20 else None, ms=3,
+                        label=label)
+            drawn = True
+        if not drawn:
+            ax.text(0.5, 0.5, missing, ha="center", va="center", transform=ax.transAxes,
+                    color="gray", fontsize=9)
+        elif key in ("eval_accuracy", "intermediate_prop"):  # shares: the whole [0, 1] range
+            ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    for ax in grid[-1]:
+        ax.set_xlabel("step")
+    if any(steps for _, steps, _ in runs):
+        grid[0][0].legend(fontsize=8)
+    save_figure(fig, out)
+    return out
+
+
+def plot_toy(result, out):
+    """The toy's Table 1 as curves: one panel per (n, r_neg) cell, the share of sampled paths
+    equal to T per step for GRPO and λ-GRPO; thin lines are single seeds (10-step mean), thick
+    ones the mean over seeds; the shaded last 50 steps are what Table 1 averages, and a triangle
+    marks the mean time to target."""
+    cells = result["cells"]
+    if any("curves" not in cell["grpo"] for cell in cells):
+        raise InputError("this toy JSON has no per-seed curves: it was written by an older "
+                         "lgrpo.py; rerun the sweep with --json.")
+    ns = sorted({c["n"] for c in cells})
+    r_negs = sorted({c["r_neg"] for c in cells}, reverse=True)
+    fig = new_figure(3.6 * len(r_negs), 2.6 * len(ns) + 0.4)
+    axes = fig.subplots(len(ns), len(r_negs), sharex=True, sharey=True, squeeze=False)
+    steps = len(cells[0]["grpo"]["curve"])
+    x, last = range(1, steps + 1), min(50, steps)
+    for cell in cells:
+        ax = axes[ns.index(cell["n"])][r_negs.index(cell["r_neg"])]
+        ax.axvspan(steps - last + 0.5, steps + 0.5, color="0.9")
+        ax.axhline(0.5, color="0.6", lw=0.6, ls=":")
+        # Seeds in a pale tint rather than with alpha: fewer colours for save_figure's palette.
+        for loss, color, pale in (("grpo", "C0", "#a9c9e4"), ("lambda", "C3", "#eba9a9")):
+            for curve in cell[loss]["curves"]:
+                ax.plot(x, trailing_mean(curve, 10), color=pale, lw=0.6)
+            label = f"{LOSS_NAMES[loss]}: last {last} {cell[loss]['mean']:.2f}"
+            reach, _ = reach_summary(cell[loss]["time_to_target"])
+            if reach is not None:  # the mean time to target, marked where the curves cross 0.5
+                ax.plot([reach], [0.5], marker="v", color=color, ms=6)
+                label += f", T at step {reach:.0f}"
+            ax.plot(x, trailing_mean(cell[loss]["curve"], 10), color=color, lw=1.6, label=label)
+        ax.set_title(f"n = {cell['n']}, r_neg = {cell['r_neg']}", fontsize=10)
+        ax.set_ylim(0, 1.02)
+        ax.set_xlim(1, steps)
+        ax.legend(fontsize=7, loc="lower right")
+    for ax in axes[-1]:
+        ax.set_xlabel("step")
+    for row in axes:
+        row[0].set_ylabel("share of paths = T")
+    config = result.get("config", {})
+    fig.suptitle(f"Table 1 toy: group {config.get('group_size')}, lr {config.get('lr')}, "
+                 f"temperature {config.get('temperature')}, {config.get('seeds')} seeds; "
+                 f"10-step means, thin: single seeds; shaded: the last {last} steps; "
+                 "▼: mean time to target", fontsize=9)
+    save_figure(fig, out)
+    return out
+
+
+def plot_toy_file(path, out):
+    """`plot-toy`: the toy figure from a saved `--json` result, without re-running the sweep."""
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, json.JSONDecodeError) as error:
+        raise InputError(f"{path}: cannot read a toy result ({error}).") from None
+    return plot_toy(result, out)
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -1509,6 +2310,12 @@ def build_parser():
     toy.add_argument("--workers", type=int, default=0, help="parallel processes (0: all cores)")
     toy.add_argument("--json", default=None,
                      help="write config, per-cell results and curves to this file")
+    toy.add_argument("--plot", default=None, metavar="FIGURE.png",
+                     help="draw every cell's curves, seed by seed, to this image (needs "
+                          "matplotlib); `plot-toy` draws it later from a --json file")
+    toy.add_argument("--device", default="auto",
+                     help="torch device: auto (CUDA when there is one and --toy-model is given, "
+                          "else the CPU), cpu, cuda, cuda:1, ...")
 
     sub.add_parser("verify", help="check Theorem 1 and the worked example numerically")
 
@@ -1533,7 +2340,7 @@ def build_parser():
     tr.add_argument("--system-prompt", default=SYSTEM_PROMPT, help="system prompt (the authors')")
     tr.add_argument("--reward", default=None,
                     help="module:function, f(completion_text, reference) -> float (default: "
-                         "the math answer checker, math_reward)")
+                         "math_reward, the final answer checked by Math-Verify)")
     tr.add_argument("--loss", default="lambda", choices=["lambda", "grpo"],
                     help="λ-GRPO or GRPO")
     tr.add_argument("--aggregation", default="token", choices=["token", "sequence"],
@@ -1580,22 +2387,193 @@ def build_parser():
     tr.add_argument("--eval-every", type=int, default=0,
                     help="greedy eval accuracy every N steps (0: never)")
     tr.add_argument("--eval-size", type=int, default=100, help="held-out problems per eval")
+
+    pl = sub.add_parser("plot", help="one figure comparing train runs (needs matplotlib)")
+    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR",
+                    help="--output-dir folders of train, finished or still running")
+    pl.add_argument("--out", required=True, metavar="FIGURE.png",
+                    help="image to write (.png, .pdf, .svg)")
+    pl.add_argument("--smooth", type=int, default=10,
+                    help="steps in the trailing mean drawn over the reward")
+    pt = sub.add_parser("plot-toy", help="the toy's figure from a saved --json result, without "
+                        "re-running it (needs matplotlib)")
+    pt.add_argument("result", metavar="RESULT.json", help="written by python lgrpo.py --json")
+    pt.add_argument("--out", required=True, metavar="FIGURE.png", help="image to write")
     return p
 
 
+# The allowed range of every numeric flag, as an interval: "[2, inf)" is ≥ 2, "(0, 1]" is
+# above 0 and at most 1. Checked before anything is created, loaded or started.
+TOY_RANGES = {
+    "n": (f"[1, {TOY_DEPTH - 1}]", f"the trap is T's first n of {TOY_DEPTH} tokens; with n = "
+                                   f"{TOY_DEPTH} it would be T itself"),
+    "r_neg": ("(-inf, inf)", ""),
+    "seeds": ("[1, inf)", ""),
+    "seed": ("[0, inf)", ""),
+    "steps": ("[1, inf)", ""),
+    "group_size": ("[2, inf)", "GRPO compares each completion with the rest of its group"),
+    "lr": ("(0, inf)", ""),
+    "temperature": ("(0, inf)", ""),
+    "workers": ("[0, inf)", "0 uses every core"),
+}
+TRAIN_RANGES = {
+    "group_size": ("[2, inf)", "GRPO compares each completion with the rest of its group"),
+    "prompts_per_step": ("[1, inf)", ""),
+    "steps": ("[1, inf)", ""),
+    "temperature": ("(0, inf)", "the logits are divided by it"),
+    "top_p": ("(0, 1]", "1 keeps the whole distribution"),
+    "top_k": ("[0, inf)", "0 turns top-k off"),
+    "max_new_tokens": ("[1, inf)", ""),
+    "generation_batch_size": ("[1, inf)", "or leave it out for the whole step at once"),
+    "updates_per_batch": ("[1, inf)", "μ, optimizer steps per batch"),
+    "clip_eps": ("(0, inf]", "inf turns clipping off"),
+    "beta": ("[0, inf)", "0 turns the KL term off"),
+    "adv_eps": ("[0, inf)", "a negative ε can flip the sign of every advantage"),
+    "micro_batch_size": ("[1, inf)", ""),
+    "max_grad_norm": ("(0, inf]", "inf turns clipping off"),
+    "lr": ("(0, inf)", ""),
+    "weight_decay": ("[0, inf)", ""),
+    "lora_r": ("[0, inf)", "0 is full fine-tuning"),
+    "lora_alpha": ("(0, inf)", ""),
+    "seed": ("[0, inf)", ""),
+    "save_every": ("[0, inf)", "0 never saves"),
+    "eval_every": ("[0, inf)", "0 never evaluates"),
+    "eval_size": ("[1, inf)", "an evaluation on no problems measures nothing"),
+    "eval_fraction": ("[0, 1)", ""),
+}
+_INTERVAL = re.compile(r"([\[(])(\S+), (\S+)([\])])")
+# A hub id: "name" or "owner/name". Anything else that does not exist is a mistyped path.
+_HUB_ID = re.compile(r"[\w][\w.-]*(/[\w][\w.-]*)?")
+# argparse (Python 3.11) reads "-1e30" as an option name, not as a negative number.
+_NEGATIVE_EXPONENT = re.compile(r"-(\d+\.?\d*|\.\d+)[eE][+-]?\d+")
+
+
+def check_ranges(args, ranges):
+    """Refuse any flag of `ranges` whose value (or one of its values) lies outside its interval,
+    naming the flag, the value and the allowed range. NaN lies in no interval."""
+    for name, (interval, why) in ranges.items():
+        opening, low, high, closing = _INTERVAL.fullmatch(interval).groups()
+        low, high = float(low), float(high)
+        values = getattr(args, name)
+        for value in values if isinstance(values, list) else [values]:
+            if value is None:  # an optional flag left out
+                continue
+            above = value > low or (opening == "[" and value == low)
+            below = value < high or (closing == "]" and value == high)
+            if not (above and below):
+                flag = "--" + name.replace("_", "-")
+                allowed = describe_interval(interval, isinstance(value, float))
+                raise InputError(f"{flag} {value}: must be {allowed}"
+                                 + (f" ({why})" if why else "") + ".")
+
+
+def describe_interval(interval, real):
+    """'[2, inf)' → '≥ 2', '(0, inf)' → '> 0' (for a real number: '> 0 and finite'),
+    '(0, 1]' → 'in (0, 1]'."""
+    opening, low, high, closing = _INTERVAL.fullmatch(interval).groups()
+    finite = " and finite" if real and closing == ")" else ""
+    if low == "-inf" and high == "inf":
+        return "a finite number"
+    if high == "inf":
+        return f"{'≥' if opening == '[' else '>'} {low}{finite}"
+    return f"in {interval}"
+
+
+def check_model_path(flag, name):
+    """Refuse a model path that does not exist before the hub library reads it as a malformed
+    repo id, and a folder that is not a saved model."""
+    if os.path.isdir(name) and not os.path.isfile(os.path.join(name, "config.json")):
+        raise InputError(f"{flag} {name}: the folder has no config.json; point {flag} at a folder "
+                         "written by save_pretrained, or at a hub id.")
+    if not os.path.exists(name) and (not _HUB_ID.fullmatch(name) or ".." in name):
+        raise InputError(f"{flag} {name}: no such folder (and not a hub id, 'name' or "
+                         "'owner/name').")
+
+
+def check_writable(flag, path):
+    """Refuse an output file that cannot be written, before the minutes or hours of computing:
+    open it for appending (which changes nothing) and remove it again if it is new."""
+    existed = os.path.exists(path)
+    try:
+        with open(path, "a"):
+            pass
+    except OSError as error:
+        raise InputError(f"{flag} {path}: cannot write there ({error.strerror}); name a file in "
+                         "an existing, writable folder.") from None
+    if not existed:
+        os.remove(path)
+
+
+def check_toy_args(args):
+    """The toy's flags, before any worker starts."""
+    check_ranges(args, TOY_RANGES)
+    if args.toy_model is not None:
+        check_model_path("--toy-model", args.toy_model)
+    for flag, path in (("--json", args.json), ("--plot", args.plot)):
+        if path:
+            check_writable(flag, path)
+    if args.plot and importlib.util.find_spec("matplotlib") is None:
+        raise InputError("--plot needs matplotlib: pip install matplotlib (or drop --plot).")
+
+
+def check_plot_args(args):
+    """`plot` and `plot-toy`: the figure's file, before the runs are read."""
+    check_writable("--out", args.out)
+
+
+def check_train_args(args):
+    """train's flags, before the output folder is created or anything is loaded."""
+    check_ranges(args, TRAIN_RANGES)
+    check_model_path("--model", args.model)
+    extension = os.path.splitext(args.dataset)[1].lower()
+    if extension in DATA_FORMATS and not os.path.exists(args.dataset):
+        raise InputError(f"--dataset {args.dataset}: no such file.")
+    if args.eval_split and args.eval_fraction:
+        raise InputError("pass --eval-split or --eval-fraction, not both: both name the held-out "
+                         "problems.")
+    if args.eval_every and not (args.eval_split or args.eval_fraction):
+        raise InputError("--eval-every needs held-out problems: pass --eval-split or "
+                         "--eval-fraction.")
+    if args.resume and not os.path.isdir(args.output_dir):
+        raise InputError(f"--resume: {args.output_dir} does not exist; run without --resume to "
+                         "start a run there.")
+
+
+def check_negative_exponents(argv):
+    """Refuse "-1e30" as a value: argparse takes it for an option and says only "expected one
+    argument". Say how to pass it."""
+    for i, token in enumerate(argv):
+        if _NEGATIVE_EXPONENT.fullmatch(token):
+            flag = next((t for t in reversed(argv[:i]) if t.startswith("--")), "--flag")
+            raise InputError(f"argparse reads {token} as an option, not a number: write "
+                             f"{flag}={token}, or, among several values, with a space in front "
+                             f"inside quotes: {flag} ' {token}'.")
+
+
 def main(argv=None):
+    """The command line. A mistake in the input (flags, data, reward, run folder) prints one line,
+    `lgrpo: error: ...`, and exits 2; any other exception keeps its traceback."""
     argv = sys.argv[1:] if argv is None else [str(a) for a in argv]
     if not argv or argv[0].startswith("-") and argv[0] not in ("-h", "--help"):
         argv = ["toy"] + argv
-    args = build_parser().parse_args(argv)
     try:
+        check_negative_exponents(argv)
+        args = build_parser().parse_args(argv)
         if args.command == "verify":
             sys.exit(1 if verify() else 0)
         if args.command == "toy":
+            check_toy_args(args)
             toy_sweep(args)
         elif args.command == "train":
+            check_train_args(args)
             train(args)
-    except InputError as error:  # a mistake we anticipated: one line, no traceback
+        elif args.command == "plot":
+            check_plot_args(args)
+            plot_runs(args.run_dirs, args.out, args.smooth)
+        elif args.command == "plot-toy":
+            check_plot_args(args)
+            plot_toy_file(args.result, args.out)
+    except InputError as error:
         print(f"lgrpo: error: {error}", file=sys.stderr)
         sys.exit(2)
 

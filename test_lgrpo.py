@@ -12,10 +12,13 @@ import math
 import os
 import random
 import re
+import shutil
 import subprocess
 import sys
+from fractions import Fraction
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -382,6 +385,23 @@ def seven_reward(tmp_path_factory):
     return {"PYTHONPATH": str(path)}
 
 
+@pytest.fixture(scope="session")
+def odd_rewards(tmp_path_factory):
+    """A folder with a reward module of wrong and extreme reward functions, for --reward
+    module:function; the tests change into it (the module is found in the current folder)."""
+    path = tmp_path_factory.mktemp("odd-rewards")
+    (path / "odd_rewards.py").write_text(
+        "import math\n\nimport torch\n\nnot_callable = 3\n\n\n"
+        "def returns_none(completion, reference):\n    return None\n\n\n"
+        "def returns_text(completion, reference):\n    return '1.0'\n\n\n"
+        "def returns_tensor(completion, reference):\n    return torch.tensor(1.0)\n\n\n"
+        "def returns_nan(completion, reference):\n    return math.nan\n\n\n"
+        "def huge(completion, reference):  # finite, but two of them overflow a float32 sum\n"
+        "    return 3e38 * (sum(map(ord, completion)) % 2)\n")
+    (path / "needs_missing_package.py").write_text("import no_such_package_anywhere\n")
+    return path
+
+
 def run_cli(*args, env=None, timeout=600):
     """Run `python lgrpo.py ARGS` from the repo; fail with its output if it exits non-zero."""
     proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, args)], cwd=REPO_DIR, capture_output=True,
@@ -403,11 +423,42 @@ def read_metrics(out):
     return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
 
 
+def is_png(path):
+    """A PNG of plausible size: more than a blank canvas, less than an unreduced full-page figure."""
+    data = path.read_bytes()
+    return data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 500_000
+
+
 TIMING_KEYS = {"tokens_per_s", "time_gen", "time_score", "time_update", "peak_mem_mb"}
 
 
-METRIC_KEYS = {"step", "reward_mean", "reward_std", "loss", "kl", "clip_frac", "completion_len", "truncated_frac",
-               "zero_std_frac", "path_depth", "intermediate_prop", "flat_frac"} | TIMING_KEYS
+METRIC_KEYS = {"step", "reward_mean", "reward_std", "reward_errors", "loss", "kl", "clip_frac",
+               "completion_len", "truncated_frac", "zero_std_frac", "path_depth",
+               "intermediate_prop", "flat_frac"} | TIMING_KEYS
+
+
+def main_error(argv, capsys):
+    """Run `lgrpo.main(argv)` in-process, expect a deliberate error, return its one line.
+
+    The tool's own errors exit with code 2 and print `lgrpo: error: ...` last, no traceback.
+    """
+    with pytest.raises(SystemExit) as exit_info:
+        lgrpo.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2, err
+    assert "Traceback" not in err
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("lgrpo: error: "), err
+    return last
+
+
+def forbid(monkeypatch, *names):
+    """Make lgrpo's functions `names` fail the test if called: the error must come before them."""
+    def called(*args, **kwargs):
+        raise AssertionError(f"one of {names} was called before the error")
+
+    for name in names:
+        monkeypatch.setattr(lgrpo, name, called)
 
 
 def _build_lm_batch(prompts, completions, pad_id=0):
@@ -1205,6 +1256,86 @@ def test_non_finite_rewards_raise(bad_value):
         lgrpo.step_advantages(ids, mask, r, 2)
 
 
+def _loss_inputs(mask=((1, 1, 0), (1, 0, 0))):
+    """logp, old_logp, advantages and mask for two completions of one group, for policy_loss."""
+    logp = torch.tensor([[-1.0, -2.0, -3.0], [-0.5, -1.5, -2.5]], requires_grad=True)
+    return logp, logp.detach(), torch.tensor([1.0, -1.0]), torch.tensor(mask)
+
+
+def _call_with_wrong_argument(case):
+    """Call a library function with one wrong argument (issue 10, part 6)."""
+    logp, old, adv, mask = _loss_inputs()
+    if case == "token_logprobs temperature 0":
+        ids = torch.tensor([[1, 2, 3, 4]])
+        lgrpo.token_logprobs(tiny_gpt2(0), ids, torch.ones_like(ids), 2, temperature=0.0)
+    elif case == "policy_loss mask value 2":
+        lgrpo.policy_loss(logp, old, None, adv, torch.tensor([[1, 2, 0], [1, 0, 0]]))
+    elif case == "policy_loss negative beta":
+        lgrpo.policy_loss(logp, old, old, adv, mask, beta=-0.04)
+    elif case == "policy_loss negative clip_eps":
+        lgrpo.policy_loss(logp, old, None, adv, mask, clip_eps=-0.2)
+    elif case == "group_advantages negative eps":
+        lgrpo.group_advantages(torch.tensor([1.0, 0.0, 0.0, 0.0]), 4, eps=-1.0)
+    elif case == "build_trie more rewards than completions":
+        lgrpo.build_trie([[1, 2], [1, 3]], [1.0, 0.0, 5.0, 5.0])
+    elif case == "build_trie a token that is not one number":
+        lgrpo.build_trie([[torch.tensor([1, 2])], [torch.tensor([1, 3])]], [1.0, 0.0])
+    elif case == "trie_stats empty batch":
+        empty = torch.zeros(0, 3, dtype=torch.long)
+        lgrpo.trie_stats(empty, empty, 2)
+    else:
+        model = tiny_gpt2(0)
+        ids = torch.tensor([[5, 1, 2, 3], [5, 1, 4, 0]])
+        keyword = {"grpo_update micro_batch_size 0": {"micro_batch_size": 0},
+                   "grpo_update micro_batch_size -1": {"micro_batch_size": -1},
+                   "grpo_update updates_per_batch 0": {"updates_per_batch": 0},
+                   "grpo_update max_grad_norm -1": {"max_grad_norm": -1.0}}[case]
+        lgrpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), ids,
+                          torch.ones_like(ids), 1, torch.ones(2, 3, dtype=torch.long), adv,
+                          **keyword)
+
+
+@pytest.mark.parametrize("case, message", [
+    ("token_logprobs temperature 0", "temperature must be > 0"),
+    ("policy_loss mask value 2", "only 0 and 1"),
+    ("policy_loss negative beta", "beta must be ≥ 0"),
+    ("policy_loss negative clip_eps", "clip_eps must be > 0"),
+    ("group_advantages negative eps", "eps must be ≥ 0"),
+    ("build_trie more rewards than completions", "4 rewards for 2 completions"),
+    ("build_trie a token that is not one number", "a token must be one number"),
+    ("trie_stats empty batch", "batch is empty"),
+    ("grpo_update micro_batch_size 0", "micro_batch_size must be ≥ 1"),
+    ("grpo_update micro_batch_size -1", "micro_batch_size must be ≥ 1"),
+    ("grpo_update updates_per_batch 0", "updates_per_batch (μ) must be ≥ 1"),
+    ("grpo_update max_grad_norm -1", "max_grad_norm must be > 0"),
+])
+def test_library_functions_refuse_arguments_that_give_wrong_numbers(case, message):
+    # Each of these returned NaN, did nothing, or counted wrong before it raised.
+    with pytest.raises(ValueError, match=re.escape(message)):
+        _call_with_wrong_argument(case)
+
+
+def test_build_trie_reads_tensor_tokens_by_value():
+    # 0-d tensors hash by identity: read by value, they share prefixes as ints do.
+    ints = [[1, 2, 3], [1, 2, 4], [5]]
+    rewards = [1.0, 0.0, 0.5]
+    as_tensors = [[torch.tensor(t) for t in c] for c in ints]
+    as_rows = [torch.tensor(c) for c in ints]
+    expected = lgrpo.format_trie(lgrpo.build_trie(ints, rewards))
+    assert "|λ|=2" in expected
+    assert lgrpo.format_trie(lgrpo.build_trie(as_tensors, rewards)) == expected
+    assert lgrpo.format_trie(lgrpo.build_trie(as_rows, rewards)) == expected
+
+
+def test_huge_finite_rewards_give_finite_advantages():
+    # 3e38 fits a float32, but the float32 sum of two does not: the advantages are taken in
+    # float64, and come back in the rewards' dtype.
+    a = lgrpo.group_advantages(torch.tensor([3e38, 3e38, 0.0, 0.0]), 4, eps=0)
+    assert a.dtype == torch.float32 and torch.isfinite(a).all()
+    scaled_down = lgrpo.group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), 4, eps=0)
+    torch.testing.assert_close(a, scaled_down)  # advantages do not depend on the reward scale
+
+
 
 # ================================================================================================
 # 5. The numerical checks: `python lgrpo.py verify`
@@ -1240,6 +1371,20 @@ def test_micro_batches_give_the_full_batch_update(aggregation):
     assert not torch.equal(params[0], torch.cat([p.flatten() for p in lgrpo.tiny_gpt2(8, seed=0).double().parameters()]))
     torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-12)
 
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_grpo_update_stops_before_a_non_finite_step(bad):
+    # A NaN or infinite loss must never reach optimizer.step(): the weights stay as they were,
+    # and no gradient is left behind.
+    model = tiny_gpt2(0)
+    before = [p.detach().clone() for p in model.parameters()]
+    ids = torch.tensor([[5, 1, 2, 3], [5, 1, 4, 0]])
+    with pytest.raises(FloatingPointError, match="optimizer step was not taken"):
+        lgrpo.grpo_update(model, torch.optim.SGD(model.parameters(), lr=1.0), ids,
+                          torch.ones_like(ids), 1, torch.ones(2, 3, dtype=torch.long),
+                          torch.tensor([bad, -1.0], dtype=torch.float64))
+    assert all(torch.equal(p, q) for p, q in zip(model.parameters(), before))
+    assert all(p.grad is None for p in model.parameters())
 
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("r_neg", [-0.5, -1.5])
@@ -1281,6 +1426,7 @@ def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
     result = json.loads(out.read_text())
     for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model", "workers"):
         assert key in result["config"]
+    assert result["config"]["device"] == "cpu"  # "auto" without --toy-model
     (cell,) = result["cells"]
     assert (cell["n"], cell["r_neg"]) == (1, -1.0)
     for method in ("grpo", "lambda"):
@@ -1288,6 +1434,12 @@ def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
         assert len(r["per_seed"]) == 2 and len(r["curve"]) == 3
         assert r["mean"] == pytest.approx(sum(r["per_seed"]) / 2)
         assert all(0 <= x <= 1 for x in r["curve"] + r["per_seed"]) and r["ci95"] >= 0
+        # Per seed: the curve, the time to target (None: never) and the outcome.
+        assert len(r["curves"]) == 2 and [len(c) for c in r["curves"]] == [3, 3]
+        assert r["curve"] == pytest.approx([sum(step) / 2 for step in zip(*r["curves"])])
+        assert r["time_to_target"] == [lgrpo.time_to_target(c) for c in r["curves"]]
+        assert len(r["outcomes"]) == 2 and set(r["outcomes"]) <= set(lgrpo.TOY_CLASSES)
+    assert "Time to target" in proc.stdout and "reaches T sooner in" in proc.stdout
 
 
 def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
@@ -1300,8 +1452,11 @@ def test_toy_same_seed_same_result_whatever_the_number_of_workers(tmp_path):
 
 def test_toy_run_is_a_function_of_its_seed():
     kw = dict(n=1, r_neg=-1.0, loss="lambda", steps=6, group_size=16, lr=1e-2, temperature=1.0)
-    assert lgrpo.toy_run(seed=3, **kw) == lgrpo.toy_run(seed=3, **kw)
-    assert lgrpo.toy_run(seed=3, **kw) != lgrpo.toy_run(seed=4, **kw)
+    run = lgrpo.toy_run(seed=3, **kw)
+    assert run == lgrpo.toy_run(seed=3, **kw)
+    assert run != lgrpo.toy_run(seed=4, **kw)
+    # Per step, the counts of T / 0.7 / trap paths cover the group; T's count is the frequency.
+    assert all(sum(c) == 16 and f == c[0] / 16 for f, c in zip(run["frequency"], run["counts"]))
 
 
 def test_mean_ci95_uses_student_t():
@@ -1318,13 +1473,104 @@ def test_toy_with_a_pretrained_causal_lm_samples_only_L_and_R(tiny_llama):
     L, R = tokenizer.convert_tokens_to_ids(["L", "R"])
     model, start, actions = lgrpo.toy_policy(str(tiny_llama), seed=0)
     assert actions == [L, R] and start == tokenizer.bos_token_id
-    frequency = lgrpo.toy_run(1, -1.0, "lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
-                              toy_model=str(tiny_llama))
+    kw = dict(n=1, r_neg=-1.0, loss="lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
+              toy_model=str(tiny_llama), device="cpu")
+    run = lgrpo.toy_run(**kw)
+    frequency = run["frequency"]
     assert len(frequency) == 3 and all(f in {i / 8 for i in range(9)} for f in frequency)
+    assert run == lgrpo.toy_run(**kw)  # deterministic per seed on a given device
     torch.manual_seed(0)
     paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 8,
                                      max_new_tokens=4, eos_token_id=None, logits_processor=[lgrpo.AllowTokens(actions)])
     assert set(paths.unique().tolist()) <= {L, R}
+
+
+def test_time_to_target_on_hand_made_curves():
+    # The first step whose trailing 10-step mean reaches 0.5, counted from 1; None if never.
+    assert lgrpo.time_to_target([0.0] * 5 + [1.0] * 20) == 10  # steps 6..10 are 5 ones in 10
+    assert lgrpo.time_to_target([0.0] * 12 + [1.0] * 20) == 17
+    assert lgrpo.time_to_target([0.5] * 10) == 10  # reaching the threshold counts
+    assert lgrpo.time_to_target([1.0] * 9) == 9  # shorter than the window: a window of 9
+    assert lgrpo.time_to_target([0.4375] * 250) is None  # 7 of 16 forever: never
+    assert lgrpo.time_to_target([0.0] * 240 + [1.0] * 4) is None  # a late spike is not enough
+
+
+def test_run_outcome_on_hand_made_paths():
+    # Each seed: the paths it sampled per step; its outcome is the kind sampled most at the end.
+    L, R = 1, 2
+    target, n = torch.tensor([L, R, L, L]), 1
+    on_t, good, trap = [L, R, L, L], [R, R, R, R], [L, L, L, L]  # rewards 1, 0.7, r_neg
+    assert lgrpo.tree_rewards(torch.tensor([on_t, good, trap]), target, n, -1.0).tolist() == \
+        pytest.approx([1.0, 0.7, -1.0])
+
+    def counts(steps):
+        return [torch.bincount(lgrpo.path_classes(torch.tensor(paths), target, n),
+                               minlength=3).tolist() for paths in steps]
+
+    seeds = {
+        "T": [[good, trap, trap, trap]] * 60 + [[on_t, on_t, good, trap]] * 50,  # found T late
+        "0.7": [[on_t, on_t, on_t, on_t]] * 60 + [[good, good, on_t, trap]] * 50,  # left T
+        "trap": [[on_t, good, trap, trap]] * 100,
+    }
+    for expected, steps in seeds.items():
+        assert sum(map(sum, counts(steps))) == 4 * len(steps)
+        assert lgrpo.run_outcome(counts(steps)) == expected
+    # Only the last 50 steps count; a tie goes to the kind listed first (T, then 0.7).
+    assert lgrpo.run_outcome(counts([[on_t, on_t, good, good]] * 50)) == "T"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 10 + [[good] * 4] * 50)) == "0.7"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 10 + [[good] * 4] * 50), last=60) == "0.7"
+    assert lgrpo.run_outcome(counts([[trap] * 4] * 40 + [[good] * 4] * 20), last=60) == "trap"
+
+
+def test_reaching_t_sooner_means_in_more_seeds_or_as_many_at_a_lower_mean_step():
+    assert lgrpo.reach_summary([40, None, 60]) == (50.0, 1)
+    assert lgrpo.reach_summary([None, None]) == (None, 2)
+    assert lgrpo.reaches_sooner([40, 60], [45, 70])
+    assert not lgrpo.reaches_sooner([45, 70], [40, 60])
+    assert lgrpo.reaches_sooner([200, 240], [10, None])  # T in both seeds beats T in one
+    assert not lgrpo.reaches_sooner([None, None], [None, None])
+    assert not lgrpo.reaches_sooner([50, 50], [50, 50])
+
+
+def test_toy_device_auto_picks_cuda_only_for_a_pretrained_policy():
+    assert lgrpo.toy_device("auto", None) == "cpu"  # the tiny default policy: always the CPU
+    assert lgrpo.toy_device("cpu", "gpt2") == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    assert lgrpo.toy_device("auto", "gpt2") == expected
+    with pytest.raises(lgrpo.InputError, match="not a torch device"):
+        lgrpo.toy_device("gpu0", None)
+    if not torch.cuda.is_available():
+        with pytest.raises(lgrpo.InputError, match="no CUDA device"):
+            lgrpo.toy_device("cuda", None)
+
+
+def test_toy_plot_of_a_short_sweep_and_plot_toy_from_its_json(tmp_path):
+    # A 2-seed, 20-step sweep over two cells: the table with time to target, its figure, and the
+    # same figure drawn again from the JSON without re-running.
+    pytest.importorskip("matplotlib")
+    result, figure, again = tmp_path / "toy.json", tmp_path / "toy.png", tmp_path / "again.png"
+    proc = run_cli("toy", "--steps", 20, "--seeds", 2, "--n", 1, 2, "--r-neg", -1.0, "--workers", 1,
+                   "--json", result, "--plot", figure)
+    assert "Time to target" in proc.stdout and "reaches T sooner in" in proc.stdout
+    run_cli("plot-toy", result, "--out", again)
+    assert is_png(figure) and again.read_bytes() == figure.read_bytes()
+    old = json.loads(result.read_text())
+    for cell in old["cells"]:
+        del cell["grpo"]["curves"], cell["lambda"]["curves"]
+    (tmp_path / "old.json").write_text(json.dumps(old))
+    with pytest.raises(lgrpo.InputError, match="no per-seed curves"):
+        lgrpo.plot_toy_file(tmp_path / "old.json", tmp_path / "old.png")
+
+
+def test_toy_cli_with_a_saved_causal_lm_on_the_cpu(tiny_llama, tmp_path):
+    # --toy-model with --device cpu through the command line (the paper's setting is --toy-model
+    # gpt2 --device cuda); "auto" would pick CUDA on a machine that has it.
+    out = tmp_path / "toy.json"
+    lgrpo.main(["toy", "--toy-model", tiny_llama, "--device", "cpu", "--steps", 2, "--seeds", 1,
+                "--n", 1, "--r-neg", -1.0, "--workers", 1, "--json", out])  # in-process: faster
+    result = json.loads(out.read_text())
+    assert result["config"]["device"] == "cpu" and result["config"]["toy_model"] == str(tiny_llama)
+    assert len(result["cells"][0]["lambda"]["curves"][0]) == 2
 
 # ================================================================================================
 # 7. Training an LLM: the CLI end to end on a tiny model
@@ -1345,9 +1591,13 @@ def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp
         assert METRIC_KEYS <= set(r)
         assert r["kl"] is not None and r["kl"] >= 0 and 0 <= r["clip_frac"] <= 1
         assert 1 <= r["completion_len"] <= 12 and r["path_depth"] >= 1
+        assert r["reward_errors"] in range(9)  # Math-Verify's failures among 8 completions
     assert steps[0]["kl"] == pytest.approx(0, abs=1e-9)  # before any update, policy = reference
     ckpt = out / "checkpoint-2"
-    assert sorted(p.name for p in out.iterdir()) == ["checkpoint-2", "metrics.jsonl"]  # no temp folder left
+    # No temporary folder is left; .lock is the run's lock, run_config.json says what the run is.
+    assert sorted(p.name for p in out.iterdir()) == [".lock", "checkpoint-2", "metrics.jsonl",
+                                                     "run_config.json"]
+    assert json.loads((out / "run_config.json").read_text())["loss"] == loss
     for name in ("config.json", "model.safetensors", "tokenizer.json", "trainer_state.pt"):
         assert (ckpt / name).exists()
     state = torch.load(ckpt / "trainer_state.pt", weights_only=True)
@@ -1382,13 +1632,18 @@ def test_learnable_reward_rises(tiny_llama, arithmetic_jsonl, seven_reward, tmp_
     rewards = [r["reward_mean"] for r in read_metrics(out)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, rewards
+    # `plot` draws a real run (β = 0, no eval rows: two panels say so).
+    run_cli("plot", out, "--out", tmp_path / "run.png")
+    assert is_png(tmp_path / "run.png")
 
 
 def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_llama, arithmetic_jsonl, tmp_path):
     out = tmp_path / "run"
     run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1))
     before = (out / "metrics.jsonl").read_text()
-    for extra, message in ((["--steps", 2], "--resume"), (["--steps", 1, "--eval-every", 1], "--eval-fraction")):
+    # The first run saved no checkpoint: it can be neither overwritten nor resumed.
+    for extra, message in ((["--steps", 2], "cannot be resumed"),
+                           (["--steps", 1, "--eval-every", 1], "--eval-fraction")):
         where = out if extra[-1] == 2 else tmp_path / "other"
         proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(tiny_llama, arithmetic_jsonl, where,
                                                                                 *extra))],
@@ -1430,6 +1685,35 @@ def test_lora_resume_equals_uninterrupted_and_the_policy_leaves_the_base(
     assert full[0]["kl"] == 0.0 and full[-1]["kl"] > 1e-4
     saved = os.listdir(tmp_path / "full" / "checkpoint-4")
     assert "adapter_model.safetensors" in saved  # the adapters are saved, not a merged model
+
+
+def test_a_non_finite_loss_stops_the_run_before_it_is_logged_or_saved(
+        tiny_llama, arithmetic_jsonl, tmp_path, monkeypatch, capsys):
+    def nan_advantages(rewards, group_size, eps):
+        return torch.full_like(rewards, math.nan)
+
+    monkeypatch.setattr(lgrpo, "group_advantages", nan_advantages)
+    out = tmp_path / "run"
+    error = main_error(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 2,
+                                  "--save-every", 1), capsys)
+    assert "step 1, update 1 of 1: the loss is nan" in error and "not taken" in error
+    assert not (out / "metrics.jsonl").exists() and not lgrpo.checkpoint_dirs(out)
+
+
+def test_huge_finite_rewards_train_to_finite_weights(tiny_llama, arithmetic_jsonl, odd_rewards,
+                                                     tmp_path, monkeypatch):
+    # Rewards of 3e38 overflowed the float32 group mean into NaN advantages, and the NaN weights
+    # were saved. Now they train like rewards of 1.
+    monkeypatch.chdir(odd_rewards)
+    out = tmp_path / "run"
+    lgrpo.main(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 2, "--lr", 1e-2,
+                          "--save-every", 2, "--reward", "odd_rewards:huge"))
+    rows = read_metrics(out)
+    assert any(r["reward_std"] > 1e37 for r in rows)
+    assert all(math.isfinite(r["loss"]) and math.isfinite(r["grad_norm"]) for r in rows)
+    from safetensors.torch import load_file
+    saved = load_file(out / "checkpoint-2" / "model.safetensors")
+    assert all(torch.isfinite(t).all() for t in saved.values())
 
 
 # ================================================================================================
@@ -1765,61 +2049,203 @@ def test_importing_lgrpo_never_needs_trl():
 # ================================================================================================
 
 LONG_PROSE = "In 1999 there were 365 days, 12 months and 7.5 cups of tea. " * 200
+GSM8K_72 = "She sold 48/2 = <<48/2=24>>24 clips in May.\nIn all, 48+24 = <<48+24=72>>72.\n#### 72"
+GSM8K_1234 = "He pays 1,000+234 = <<1000+234=1234>>1,234 dollars.\n#### 1,234"
+
+
+def library_limit(why):
+    """A case Math-Verify scores wrong: the expected value is the right one, the library's isn't.
+    strict: the day the library gets it right, the test says so."""
+    return {"marks": pytest.mark.xfail(strict=True, reason=f"Math-Verify 0.9.0: {why}")}
 
 
 REWARD_CASES = [
-    # (completion, reference, expected reward)
-    (r"So the answer is \boxed{72}.", "#### 72", 1.0),
-    (r"\boxed{\frac{1}{2}}", "0.5", 1.0),
-    (r"First \boxed{3}, no wait, \boxed{4}.", "4", 1.0),
-    (r"First \boxed{3}, no wait, \boxed{4}.", "3", 0.0),
-    (r"Answer \boxed{7}. Double-check: \boxed{12", "7", 1.0),   # unclosed last box
-    (r"Answer \boxed{7}. Double-check: \boxed{12", "12", 0.0),
-    ("She has 3 apples, buys 5 more, so 8 apples.", "#### 8", 1.0),  # last number
-    ("I am not sure how to solve this.", "#### 8", 0.0),
-    ("", "#### 8", 0.0),
-    ("Natalia sold 48/2 = 24 clips.\n", "Natalia sold...\n#### 72", 0.0),
-    (r"The total is \boxed{1234}.", "He pays 1,000+234 = <<1234>>1,234\n#### 1,234", 1.0),
-    (r"The total is \boxed{1,234}.", "#### 1234", 1.0),
-    ("The total is 1,234 dollars.", "#### 1234", 1.0),
-    (r"\boxed{\$18}", "#### 18", 1.0),
-    (r"\boxed{$18$}", "#### 18", 1.0),
-    ("It costs 18 dollars", "#### 18", 1.0),
-    (r"\boxed{50\%}", "#### 50", 1.0),
-    (r"\boxed{50%}", "#### 50", 1.0),
-    (r"\boxed{5.0}", "#### 5", 1.0),
-    (r"\boxed{2.50}", "2.5", 1.0),
-    (r"\boxed{-3}", "#### -3", 1.0),
+    # (completion, reference, the right reward). GSM8K: a plain final number.
+    ("In all she sold 48 + 24 = 72 clips.", GSM8K_72, 1.0),
+    ("The answer is 72.", GSM8K_72, 1.0),
+    ("In all she sold 48 + 24 = 73 clips.", GSM8K_72, 0.0),
+    ("So the total is 1,234 dollars.", GSM8K_1234, 1.0),
+    ("So the total is 1234 dollars.", GSM8K_1234, 1.0),
+    ("The final answer is $18.", "#### 18", 1.0),
     ("The temperature drops to -3 degrees.", "#### -3", 1.0),
-    (r"\boxed{3}", "#### -3", 0.0),
-    (r"\boxed{\dfrac{3}{4}}", "3/4", 1.0),
-    (r"\boxed{-\tfrac{3}{4}}", r"\frac{-3}{4}", 1.0),
-    (r"\boxed{0.75}", r"$\boxed{\frac34}$", 0.0),  # short \frac34 form is not parsed
-    (r"\boxed{\text{Monday}}", "Monday", 1.0),
-    (r"\boxed{5\text{ cm}}", r"The side is \boxed{5 \text{cm}}.", 1.0),
-    (r"\boxed{18 \text{ dollars}}", "#### 18", 0.0),  # units in the box: strict
-    (r"\boxed{71}", "#### 72", 0.0),
-    (r"\boxed{90^\circ}", "90", 1.0),
-    (r"\boxed{90^{\circ}}", r"\boxed{90}", 1.0),
-    (r"\boxed{\frac{\sqrt{3}}{2}}", r"So $x = \boxed{\frac{\sqrt3}{2}}$.", 0.0),
-    (r"\boxed{\frac{\sqrt{3}}{2}}", r"Hence \boxed{\frac{\sqrt{3}}{2}}.", 1.0),
-    (r"\boxed{\left( 1, 2 \right)}", "(1,2)", 1.0),
-    (r"\boxed{(1, 2)}", "(2,1)", 0.0),
-    (LONG_PROSE + r"\boxed{42}" + " Also 99 is a number.", "#### 42", 1.0),
     ("#### 5\nActually the total is 7", "#### 5", 0.0),
-    ("#### 5\nActually the total is \\boxed{7}, not 5", "#### 7", 1.0),
-    (r"The answer is \boxed{8}.", "#### 8.", 1.0),
-    (r"\boxed{\,1\!000}", "#### 1000", 1.0),
-    (r"\boxed{}", "", 0.0),
+    (LONG_PROSE + r"\boxed{42}" + " Also 99 is a number.", "#### 42", 1.0),
+    # GSM8K: a boxed answer.
+    (r"So the answer is $\boxed{72}$.", GSM8K_72, 1.0),
+    (r"The total is \boxed{1234}.", GSM8K_1234, 1.0),
+    (r"The total is \boxed{1,234}.", GSM8K_1234, 1.0),
+    (r"\boxed{\$18}", "#### 18", 1.0),
+    (r"\boxed{18 \text{ dollars}}", "#### 18", 1.0),
+    (r"\boxed{50\%}", "#### 50", 1.0),  # GSM8K writes a percentage as a bare number
+    (r"\boxed{5.0}", "#### 5", 1.0),
+    (r"\boxed{-3}", "#### -3", 1.0),
+    (r"\boxed{3}", "#### -3", 0.0),
+    # MATH: the reference is a solution whose last box holds the answer.
+    (r"Thus $\boxed{\frac{1}{2}}$.", r"The probability is $\boxed{\frac{1}{2}}$.", 1.0),
+    (r"$\boxed{0.5}$", r"So $p = \boxed{\dfrac{1}{2}}$.", 1.0),
+    (r"$\boxed{\frac12}$", r"$\boxed{\frac{1}{2}}$", 1.0),
+    (r"$\boxed{\tfrac{3}{4}}$", r"$\boxed{\frac34}$", 1.0),
+    (r"$\boxed{0.75}$", r"$\boxed{\frac34}$", 1.0),
+    (r"$\boxed{\frac{\sqrt{3}}{2}}$", r"So $x = \boxed{\frac{\sqrt3}{2}}$.", 1.0),
+    (r"$\boxed{\frac{1}{\sqrt{2}}}$", r"$\boxed{\frac{\sqrt{2}}{2}}$", 1.0),
+    (r"$\boxed{\sqrt3}$", r"$\boxed{\sqrt{3}}$", 1.0),
+    (r"$\boxed{2\sqrt2}$", r"$\boxed{\sqrt{8}}$", 1.0),
+    (r"$\boxed{\sqrt 2+\sqrt 5}$", r"$\boxed{\sqrt{2}+\sqrt{5}}$", 1.0),
+    (r"$\boxed{\frac94\pi}$", r"$\boxed{\frac{9}{4}\pi}$", 1.0),
+    (r"$\boxed{1+2x}$", r"$\boxed{2x+1}$", 1.0),
+    (r"The answer is $\boxed{x=3}$.", r"Solving, $x = \boxed{3}$.", 1.0),
+    (r"$\boxed{3}$", r"Solving, we find $\boxed{x=3}$.", 1.0),
+    (r"$\boxed{14916}$", r"There are $\boxed{14{,}916}$ ways.", 1.0),
+    (r"$\boxed{14{,}916}$", r"$\boxed{14916}$", 1.0),
+    (r"$\boxed{0.25}$", r"The rate is $\boxed{25\%}$.", 1.0),
+    (r"$\boxed{30}$", r"The angle is $\boxed{30^\circ}$.", 1.0),
+    (r"$\boxed{30^\circ}$", r"$\boxed{30^{\circ}}$", 1.0),
+    (r"$\boxed{5\text{ cm}}$", r"The side is $\boxed{5 \text{ cm}}$.", 1.0),
+    (r"$\boxed{\text{(B)}}$", r"$\boxed{\text{(B)}}$", 1.0),
+    (r"$\boxed{B}$", r"$\boxed{\text{(B)}}$", 1.0),
+    (r"$\boxed{\text{(C)}}$", r"$\boxed{\text{(B)}}$", 0.0),
+    (r"$\boxed{(-\infty, 3]}$", r"$\boxed{(-\infty,3]}$", 1.0),
+    (r"$\boxed{(-\infty, 3)}$", r"$\boxed{(-\infty,3]}$", 0.0),
+    (r"$\boxed{(1, 2)}$", r"$\boxed{(1,2)}$", 1.0),
+    (r"$\boxed{(2, 1)}$", r"$\boxed{(1,2)}$", 0.0),
+    (r"$\boxed{\{1,2\}}$", r"$\boxed{\{2, 1\}}$", 1.0),
+    (r"$\boxed{\begin{pmatrix} 1 \\ -2 \end{pmatrix}}$",
+     r"$\boxed{\begin{pmatrix}1\\-2\end{pmatrix}}$", 1.0),
+    (r"$\boxed{\begin{pmatrix} -2 \\ 1 \end{pmatrix}}$",
+     r"$\boxed{\begin{pmatrix}1\\-2\end{pmatrix}}$", 0.0),
+    (r"$\boxed{3 \times 10^{5}}$", r"$\boxed{300000}$", 1.0),
+    (r"$\boxed{3.2 \times 10^{-3}}$", r"$\boxed{0.0032}$", 1.0),
+    (r"$\boxed{3\frac{1}{2}}$", r"$\boxed{\frac{7}{2}}$", 1.0),  # a mixed number
+    # A dataset's answer column: the bare answer.
+    (r"$\boxed{0.25}$", r"\frac{1}{4}", 1.0),
+    (r"$\boxed{\dfrac{3}{4}}$", "3/4", 1.0),
+    # Wrong answers: nothing to pay for.
+    ("AZYUK2A", "2", 0.0),  # garbage with a digit
+    ("AZYUK2A", "#### 2", 0.0),
+    (r"the answer is $\frac{1+\sqrt5}{2}$", "2", 0.0),
+    (r"$\boxed{32, 349}$", "32349", 0.0),  # a list is not one number
+    (r"$\boxed{32, 349}$", "#### 32,349", 0.0),
+    (r"\boxed{1, 2, 3}", "#### 123", 0.0),
+    (r"The answer is $2^{10}$.", r"$\boxed{10}$", 0.0),  # only an exponent
+    (r"The answer is $x^5$.", "#### 5", 0.0),
+    (r"The answer is $\frac{1}{7}$.", "#### 7", 0.0),  # only a denominator
+    (r"The answer is $\boxed{\frac{1}{7}}$.", "#### 7", 0.0),
+    (r"\boxed{0.333}", r"$\boxed{\frac{1}{3}}$", 0.0),
+    (r"\boxed{\pi}", r"$\boxed{3.14159}$", 0.0),
+    (r"The answer is \boxed{12", "#### 12", 0.0),  # an unclosed box
+    (r"Answer \boxed{7}. Double-check: \boxed{12", "#### 12", 0.0),
+    (r"The answer is $\boxed{\frac{1}{2}$.", r"$\boxed{\frac12}$", 0.0),
+    ("", "#### 0", 0.0),  # an empty completion
+    ("", r"$\boxed{0}$", 0.0),
+    (r"\boxed{}", "#### 0", 0.0),
+    (r"\boxed{6} or maybe \boxed{7}", r"$\boxed{7}$", 0.0),  # a hedge is no answer
+    (r"\boxed{6} or maybe \boxed{7}", r"$\boxed{6}$", 0.0),
     (r"\boxed{1/0}", "#### 0", 0.0),
-    (r"\boxed{__import__('os').system('x')}", "#### 0", 0.0),
-    ("__import__('os').system('x')", "#### 0", 0.0),
+    (r"\boxed{__import__('os').system('echo hi')}", "#### 0", 0.0),  # parsed, never run
+    # Known limitations of the library: kept, with the right score.
+    pytest.param(r"First \boxed{3}. No wait, the answer is \boxed{4}.", "#### 4", 1.0,
+                 **library_limit("a corrected answer: both boxes are read as the set {3, 4}")),
+    pytest.param(r"$\boxed{0.\overline{3}}$", r"$\boxed{\frac{1}{3}}$", 1.0,
+                 **library_limit("a repeating decimal \\overline is not parsed")),
+    pytest.param("The answer is 3.2e-3.", r"$\boxed{0.0032}$", 1.0,
+                 **library_limit("e-notation in prose is read as 3.2")),
+    pytest.param(r"$\boxed{(1,2)}$", r"$\boxed{\{1,2\}}$", 0.0,
+                 **library_limit("a pair or interval (1,2) equals the set {1,2}")),
+    pytest.param(r"$\boxed{\sqrt{-4}}$", r"$\boxed{2i}$", 1.0,
+                 **library_limit("square roots of negatives are not simplified")),
+    pytest.param(r"$\boxed{\emptyset}$", r"$\boxed{\varnothing}$", 1.0,
+                 **library_limit("\\varnothing is not the empty set")),
+    pytest.param(r"The answer is \fbox{5}.", "#### 5", 1.0,
+                 **library_limit("outside $...$ only \\boxed{ is a box, not \\fbox{")),
+    pytest.param(r"The answer is \boxed {5}.", "#### 5", 1.0,
+                 **library_limit("outside $...$ a space after \\boxed hides the box")),
 ]
 
 
 @pytest.mark.parametrize("completion, reference, expected", REWARD_CASES)
 def test_math_reward(completion, reference, expected):
     assert lgrpo.math_reward(completion, reference) == expected
+
+
+def test_math_rewards_score_a_step_and_read_each_reference_once(monkeypatch):
+    import math_verify
+    parsed = []
+
+    def counting_parse(text, *args, **kwargs):
+        parsed.append(text)
+        return real_parse(text, *args, **kwargs)
+
+    real_parse = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", counting_parse)
+    completions = [r"\boxed{72}", r"\boxed{71}", "72", r"\boxed{\frac{1}{2}}", "0.5", "no idea"]
+    references = [GSM8K_72] * 3 + [r"$\boxed{\frac12}$"] * 3
+    rewards, errors = lgrpo.math_rewards(completions, references)
+    assert rewards == [1.0, 0.0, 1.0, 1.0, 1.0, 0.0] and errors == 0
+    assert parsed.count(r"\boxed{72}") == 2  # the reference once, the first completion once
+    assert parsed.count(r"\boxed{\frac12}") == 1 and len(parsed) == 2 + len(completions)
+    assert lgrpo.compute_rewards(lgrpo.math_reward, completions, references)[1] == 0
+
+
+def test_math_verify_failures_score_0_and_are_counted(monkeypatch):
+    import math_verify
+    from math_verify.errors import TimeoutException
+
+    def slow_verify(gold, answer, *args, **kwargs):  # as when its signal.alarm fires
+        raise TimeoutException("Operation timed out!")
+
+    def broken_parse(text, *args, **kwargs):
+        if "boom" in text:
+            raise ValueError("cannot parse")
+        return real_parse(text, *args, **kwargs)
+
+    real_parse = math_verify.parse
+    monkeypatch.setattr(math_verify, "parse", broken_parse)
+    assert lgrpo.math_rewards([r"\boxed{72}", "boom 72", "no answer"], [GSM8K_72] * 3) == (
+        [1.0, 0.0, 0.0], 1)  # "no answer" is wrong, not an error
+    # A reference it cannot read: each of its completions counts.
+    assert lgrpo.math_rewards(["72", "72", "72"], ["boom", "boom", GSM8K_72]) == (
+        [0.0, 0.0, 1.0], 2)
+    assert lgrpo.math_rewards(["5"], [""]) == ([0.0], 1)  # an empty reference
+    monkeypatch.setattr(math_verify, "verify", slow_verify)
+    assert lgrpo.math_rewards([r"\boxed{72}", ""], [GSM8K_72] * 2) == ([0.0, 0.0], 1)
+
+
+def test_math_reward_off_the_main_thread_is_a_clear_error():
+    import threading
+    caught = []
+
+    def score():
+        try:
+            lgrpo.math_reward(r"\boxed{72}", GSM8K_72)
+        except RuntimeError as error:
+            caught.append(str(error))
+
+    worker = threading.Thread(target=score)
+    worker.start()
+    worker.join()
+    assert caught and "main thread" in caught[0] and "--reward" in caught[0]
+
+
+def test_custom_reward_counts_no_errors():
+    def length(completion, reference):
+        return len(completion)
+
+    rewards, errors = lgrpo.compute_rewards(length, ["ab", "abc"], ["#### 1", "#### 1"])
+    assert rewards.tolist() == [2.0, 3.0] and errors is None
+
+
+def test_missing_math_verify_is_a_clear_error(monkeypatch):
+    monkeypatch.setitem(sys.modules, "math_verify", None)  # import math_verify fails
+    with pytest.raises(lgrpo.InputError, match="pip install 'math-verify"):
+        lgrpo.math_reward("72", "#### 72")
+
+
+def test_the_core_needs_no_math_verify():
+    code = ("import sys, lgrpo; lgrpo.load_reward(None); lgrpo.boxed_closed('x');"
+            "assert 'math_verify' not in sys.modules and 'sympy' not in sys.modules")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=REPO_DIR, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("text, expected", [
@@ -1837,6 +2263,16 @@ def test_last_boxed(text, expected):
     assert lgrpo.last_boxed(text) == expected
 
 
+@pytest.mark.parametrize("reference, expected", [
+    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
+    ("a #### 1\nb #### 1,234", "1,234"),
+    (r"Thus the answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
+    ("  42 \n", "42"),
+])
+def test_reference_answer(reference, expected):
+    assert lgrpo.reference_answer(reference) == expected
+
+
 @pytest.mark.parametrize("text, expected", [
     ("", False),
     ("Let me think about 3 + 4 = 7.", False),
@@ -1846,6 +2282,8 @@ def test_last_boxed(text, expected):
     (r"\boxed{\frac{1}{2}", False),
     (r"\boxed{\frac{1}{2}}", True),
     (r"\boxed{7} and then \boxed{8", True),  # only the first box matters
+    (r"\boxed{\boxed{7}", False),
+    (r"\fbox{7} \boxed {7}", False),  # the authors' rule reads exactly "\boxed{"
 ])
 def test_boxed_closed(text, expected):
     assert lgrpo.boxed_closed(text) == expected
@@ -1856,54 +2294,6 @@ def test_boxed_closed_token_by_token():
     closed_at = text.index("}} and") + 2  # just after the box's own closing brace
     flags = [lgrpo.boxed_closed(text[:n]) for n in range(closed_at - 20, closed_at + 5)]
     assert flags == [False] * 20 + [True] * 5
-
-
-@pytest.mark.parametrize("text, expected", [
-    (r"\boxed{\frac{1}{2}}", r"\frac{1}{2}"),
-    ("It is 3, then 4, then 5.", "5"),
-    ("It costs $1,234.50 in total.", "1,234.50"),
-    ("Half of it: 3/4 of a cup", "3/4"),
-    ("Pages 3-5 were missing", "5"),
-    ("The change is -12.5 degrees", "-12.5"),
-    ("The answer is 18.", "18"),
-    ("1,2345", "2345"),
-    ("no digits", None),
-    (r"5 then \boxed{\frac{1}{2}", "2"),  # unclosed box: fall back to last number
-])
-def test_extract_answer(text, expected):
-    assert lgrpo.extract_answer(text) == expected
-
-
-@pytest.mark.parametrize("raw, expected", [
-    ("0.5", "1/2"),
-    ("1/2", "1/2"),
-    (r"\frac{1}{2}", "1/2"),
-    (r"\dfrac{2}{4}", "1/2"),
-    ("2.0", "2"),
-    ("2.00", "2"),
-    (" 2 ", "2"),
-    ("-0", "0"),
-    ("1,234", "1234"),
-    ("(1,234)", "(1,234)"),
-    (r"\$ 18.", "18"),
-    (r"45^{\circ}", "45"),
-    (r"\text{ Monday }", "Monday"),
-    (r"\left[ 0, 1 \right)", "[0,1)"),
-    ("x = 5", "x=5"),
-    ("1" * 5000, "1" * 5000),  # too long for int(): kept as a string, no crash
-])
-def test_normalize_answer(raw, expected):
-    assert lgrpo.normalize_answer(raw) == expected
-
-
-@pytest.mark.parametrize("reference, expected", [
-    ("Natalia sold 48/2 = <<48/2=24>>24 clips.\n#### 72", "72"),
-    ("a #### 1\nb #### 1,234", "1,234"),
-    (r"Thus the answer is $\boxed{\frac{1}{2}}$.", r"\frac{1}{2}"),
-    ("  42 \n", "42"),
-])
-def test_reference_answer(reference, expected):
-    assert lgrpo.reference_answer(reference) == expected
 
 
 def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
@@ -1922,6 +2312,124 @@ def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
     stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
     fired = torch.stack([stop(ids[:, :n], None) for n in range(1, ids.shape[1] + 1)], 1)
     assert fired.int().argmax(1).add(1)[[0, 2]].tolist() == [lengths[0], lengths[2]] and not fired[1].any()
+
+
+def byte_level_bpe():
+    """A GPT-2-style byte-level BPE trained here: its tokens split multi-byte characters."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=["<eos>"],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator([r"so \boxed{\frac{1}{2}} and x^{2} = 4 é ° ∑"] * 50, trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<eos>")
+
+
+@pytest.mark.parametrize("tokenizer", ["char", "bpe"])
+def test_stop_when_boxed_agrees_with_decoding_every_prefix(tokenizer):
+    tok = lgrpo.char_tokenizer() if tokenizer == "char" else byte_level_bpe()
+    pieces = ["\\boxed{", "\\box", "ed{", "{", "}", "}{", "\\", " so ", "x", "72", "\\frac{1}{2}"]
+    pieces += ["é", "°", "∑"] if tokenizer == "bpe" else []
+    rng = random.Random(0)
+    for _ in range(40):
+        texts = ["".join(rng.choice(pieces) for _ in range(rng.randint(1, 20))) for _ in range(3)]
+        rows = [tok(t, add_special_tokens=False).input_ids for t in texts]
+        if tokenizer == "bpe":  # random byte tokens: broken UTF-8 between the pieces
+            rows = [r + [rng.randrange(len(tok)) for _ in range(4)] + r for r in rows]
+        ids = lgrpo.pad_completions(rows, pad_id=tok.eos_token_id)[0]
+        T = ids.shape[1]
+        prefixes = [[tok.decode(r[:t], skip_special_tokens=True) for t in range(1, T + 1)]
+                    for r in ids.tolist()]
+        # The slow obvious way: the first t whose decoded prefix has the first box closed.
+        want = [next((t + 1 for t, p in enumerate(ps) if lgrpo.boxed_closed(p)), T + 1)
+                for ps in prefixes]
+        stop = lgrpo.StopWhenBoxed(tok, prompt_len=2)
+        prompt = torch.zeros(ids.shape[0], 2, dtype=ids.dtype)
+        fired = torch.stack([stop(torch.cat([prompt, ids[:, :t]], 1), None)
+                             for t in range(1, T + 1)], 1)
+        got = [int(f.int().argmax()) + 1 if f.any() else T + 1 for f in fired]
+        assert got == want == lgrpo.boxed_lengths(tok, ids).tolist(), texts
+
+
+def test_stop_when_boxed_decodes_each_token_a_bounded_number_of_times():
+    # 300 nested boxes that never close: every "}" used to re-decode the whole completion.
+    tokenizer = lgrpo.char_tokenizer()
+    text = "\\boxed{" * 300 + "}" * 299
+    ids = torch.tensor([tokenizer(text, add_special_tokens=False).input_ids])
+    decoded = []
+    real_decode = tokenizer.decode
+
+    def counting_decode(token_ids, *args, **kwargs):  # batch_decode calls it too
+        ids_list = token_ids.tolist() if torch.is_tensor(token_ids) else list(token_ids)
+        nested = ids_list and isinstance(ids_list[0], list)
+        decoded.append(sum(map(len, ids_list)) if nested else len(ids_list))
+        return real_decode(token_ids, *args, **kwargs)
+
+    tokenizer.decode = counting_decode
+    stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
+    for t in range(1, ids.shape[1] + 1):
+        assert not stop(ids[:, :t], None).any()
+    assert 0 < sum(decoded) <= 3 * ids.shape[1]
+
+
+@pytest.mark.parametrize("value, shown", [
+    (None, "returned None"), ("1.0", "returned a str, '1.0'"),
+    (torch.tensor(1.0), "returned a Tensor, tensor(1.)"), (math.nan, "returned nan"),
+    (math.inf, "returned inf"), (-math.inf, "returned -inf"), (10 ** 400, "returned 1000"),
+])
+def test_a_reward_that_is_not_a_finite_number_names_the_function_and_the_completion(value,
+                                                                                     shown):
+    reward = lgrpo.CheckedReward(lambda completion, reference: value, "my_rewards:score")
+    with pytest.raises(lgrpo.InputError) as error:
+        reward("The answer is \\boxed{7}", "7")
+    message = str(error.value)
+    assert message.startswith(f"--reward my_rewards:score {shown}")
+    assert "for the completion 'The answer is \\\\boxed{7}'" in message
+    assert ".item()" in message if torch.is_tensor(value) else ".item()" not in message
+
+
+@pytest.mark.parametrize("value", [True, 3, 0.25, Fraction(1, 4), np.float32(0.5), np.int64(2)])
+def test_a_reward_that_is_a_real_number_passes_as_a_float(value):
+    reward = lgrpo.CheckedReward(lambda completion, reference: value, "my_rewards:score")
+    assert reward("text", "ref") == float(value) and type(reward("text", "ref")) is float
+
+
+@pytest.mark.parametrize("spec, message", [
+    ("odd_rewards", "write it as module:function"),
+    ("odd_rewards:not_callable", "not_callable is 3, not a function"),
+    ("odd_rewards:no_such_function", "defines no 'no_such_function'"),
+    ("no_such_module_anywhere:score", "no module 'no_such_module_anywhere' in the current"),
+])
+def test_a_reward_spec_that_names_no_function_is_a_clear_error(odd_rewards, monkeypatch, spec,
+                                                               message):
+    monkeypatch.chdir(odd_rewards)
+    with pytest.raises(lgrpo.InputError, match=re.escape(message)):
+        lgrpo.load_reward(spec)
+
+
+def test_a_reward_module_is_found_in_the_current_folder(odd_rewards, monkeypatch):
+    # As `python -m` finds it: the current folder first, whatever sys.path says; sys.path is
+    # left as it was.
+    monkeypatch.chdir(odd_rewards)
+    path = list(sys.path)
+    reward = lgrpo.load_reward("odd_rewards:huge")
+    assert reward("a", "") == 3e38 and reward("b", "") == 0.0 and sys.path == path
+    # A module that is there but imports something missing keeps its own error and traceback.
+    with pytest.raises(ModuleNotFoundError, match="no_such_package_anywhere") as error:
+        lgrpo.load_reward("needs_missing_package:score")
+    assert not isinstance(error.value, lgrpo.InputError)
+
+
+def test_train_stops_at_the_first_bad_reward_with_one_line(tiny_llama, arithmetic_jsonl,
+                                                           odd_rewards, tmp_path, monkeypatch,
+                                                           capsys):
+    monkeypatch.chdir(odd_rewards)
+    error = main_error(train_args(tiny_llama, arithmetic_jsonl, tmp_path / "run", "--steps", 1,
+                                  "--reward", "odd_rewards:returns_none"), capsys)
+    assert "--reward odd_rewards:returns_none returned None for the completion " in error
+
 
 # ================================================================================================
 # Appendix B. Data
@@ -1948,12 +2456,397 @@ def test_prompts_use_the_chat_template_when_there_is_one(tiny_llama):
     chat = lgrpo.encode_prompts(tokenizer, ["Hi"], "be brief", "cpu")
     assert tokenizer.decode(chat["input_ids"][0]) == "system: be brief\nuser: Hi\nassistant: "
 
+DATA_CASES = {  # name: (file name, file content, extra flags, what the error must say)
+    "empty file": ("data.jsonl", "", [], "data.jsonl is empty"),
+    "malformed JSON line": ("data.jsonl", '{"question": "q", "answer": "1"}\n{oops\n', [],
+                            "data.jsonl, line 2: not valid JSON"),
+    "malformed JSON document": ("data.json", '[\n {"question": "q", "answer": "1"},\n {oops}\n]',
+                                [], "data.json, line 3: not valid JSON"),
+    "unknown train split": (None, None, ["--train-split", "test"],
+                            "--train-split 'test': " "{data} has no such split; its splits are "
+                            "['train']"),
+    "unknown eval split": (None, None, ["--eval-split", "dev"], "--eval-split 'dev': "),
+    "null, empty and missing fields": (
+        "data.jsonl", '{"question": "What is 1+1?", "answer": "2"}\n'
+        '{"question": "What is 1+2?", "answer": null}\n{"question": " ", "answer": "3"}\n'
+        '{"question": "What is 2+2?"}\n{"answer": "5"}\n', [],
+        "split 'train': rows 2, 3, 4, 5 (counting from 1) have a missing, null or empty "
+        "'question' or 'answer'"),
+    "prompt longer than the model": (  # BOS + 300 + "\n\n" + "What is 1+2?" + "\n"
+        None, None, ["--system-prompt", "x" * 300],
+        "the longest prompt (train problem 1, 'What is 1+2?') is 316 tokens, system prompt "
+        "included; with --max-new-tokens 12 it needs 328 positions, and {model} has 256"),
+    "no room for the new tokens": (None, None, ["--max-new-tokens", 250],
+                                   "lower --max-new-tokens to at most "),
+}
+
+
+@pytest.mark.parametrize("case", DATA_CASES)
+def test_bad_data_is_refused_before_the_model_loads(tiny_llama, arithmetic_jsonl, tmp_path,
+                                                    monkeypatch, capsys, case):
+    name, content, extra, message = DATA_CASES[case]
+    data = arithmetic_jsonl
+    if name:
+        data = tmp_path / name
+        data.write_text(content)
+    forbid(monkeypatch, "load_causal_lm")
+    error = main_error(train_args(tiny_llama, data, tmp_path / "run", "--steps", 1, *extra),
+                       capsys)
+    assert message.format(data=data, model=tiny_llama) in error
+
+
+@pytest.mark.parametrize("flag, path, message", [
+    ("--model", "{tmp}/no/such/model", "no such folder (and not a hub id"),
+    ("--model", "{tmp}", "the folder has no config.json"),
+    ("--model", "./models/qwen", "no such folder"),
+    ("--dataset", "{tmp}/missing.jsonl", "missing.jsonl: no such file"),
+])
+def test_a_missing_local_path_is_named_before_anything_loads(tiny_llama, arithmetic_jsonl,
+                                                             tmp_path, monkeypatch, capsys, flag,
+                                                             path, message):
+    args = train_args(tiny_llama, arithmetic_jsonl, tmp_path / "run", "--steps", 1)
+    args[args.index(flag) + 1] = path.format(tmp=tmp_path)
+    forbid(monkeypatch, "load_problems", "lock_run_folder", "load_causal_lm")
+    assert message in main_error(args, capsys)
+
+
+# ================================================================================================
+# Appendix C. Runs: the lock, resume, the files of a run
+# ================================================================================================
+
+@pytest.fixture(scope="module")
+def two_step_run(tiny_llama, arithmetic_jsonl, tmp_path_factory):
+    """A finished 2-step run with checkpoint-1 and checkpoint-2; tests damage copies of it."""
+    out = tmp_path_factory.mktemp("two-step") / "run"
+    lgrpo.main(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 2, "--save-every", 1,
+                          "--lr", 1e-2))
+    return out
+
+
+def resume_args(tiny_llama, arithmetic_jsonl, out, *extra):
+    """The two-step run's own flags, with --resume and --steps 3."""
+    return train_args(tiny_llama, arithmetic_jsonl, out, "--save-every", 1, "--lr", 1e-2,
+                      "--resume", "--steps", 3, *extra)
+
+
+def damage(out, case):
+    """What a crash, a full disk or a careless hand leaves behind in a run folder."""
+    if case == "truncated last line":
+        with open(out / "metrics.jsonl", "a") as f:
+            f.write('{"step": 3, "rew')
+    elif case == "deleted metrics.jsonl":
+        os.remove(out / "metrics.jsonl")
+    elif case == "checkpoint without trainer_state.pt":
+        os.remove(out / "checkpoint-2" / "trainer_state.pt")
+    elif case == "checkpoint without weights":
+        os.remove(out / "checkpoint-2" / "model.safetensors")
+
+
+REPAIRS = {  # damage: (the warning, the steps in metrics.jsonl after resuming to step 3)
+    "truncated last line": ("metrics.jsonl: dropped its last line, cut off mid-write: "
+                            "'{\"step\": 3, \"rew'", [1, 2, 3]),
+    "deleted metrics.jsonl": ("metrics.jsonl is missing: the rows of steps 1 to 2 are lost; the "
+                              "run goes on from step 3.", [3]),
+    "checkpoint without trainer_state.pt": ("skipped newer checkpoints that are incomplete "
+                                            "(checkpoint-2: no trainer_state.pt); resuming from "
+                                            "checkpoint-1.", [1, 2, 3]),
+    "checkpoint without weights": ("(checkpoint-2: no model weights); resuming from "
+                                   "checkpoint-1.", [1, 2, 3]),
+}
+
+
+@pytest.mark.parametrize("case", REPAIRS)
+def test_resume_repairs_what_a_crash_leaves_behind(two_step_run, tiny_llama, arithmetic_jsonl,
+                                                   tmp_path, capsys, case):
+    warning, steps = REPAIRS[case]
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    damage(out, case)
+    # Batch sizes and gradient checkpointing may change on resume: they save memory only.
+    lgrpo.main(resume_args(tiny_llama, arithmetic_jsonl, out, "--micro-batch-size", 2,
+                           "--gradient-checkpointing"))
+    assert warning in capsys.readouterr().err
+    assert [row["step"] for row in read_metrics(out)] == steps
+    assert lgrpo.checkpoint_dirs(out)[-1].endswith("checkpoint-3")
+
+
+REFUSALS = {  # case: (extra flags, what the error must say)
+    "changed flags": (["--lr", 0.5, "--group-size", 2, "--seed", 3, "--loss", "grpo"],
+                      "--resume would change the run saved in {out}/checkpoint-2: --loss "
+                      "'lambda' → 'grpo'; --group-size 4 → 2; --lr 0.01 → 0.5; --seed 0 → 3. "
+                      "Pass the run's own values (only --steps, --save-every, "),
+    "nothing left to do": (["--steps", 2], "--steps 2: the run in {out} is already at step 2"),
+    "malformed line before the last": ([], "metrics.jsonl, line 1: not a JSON row"),
+}
+
+
+@pytest.mark.parametrize("case", REFUSALS)
+def test_resume_refuses_before_the_model_loads(two_step_run, tiny_llama, arithmetic_jsonl,
+                                               tmp_path, monkeypatch, capsys, case):
+    extra, message = REFUSALS[case]
+    out = tmp_path / "run"
+    shutil.copytree(two_step_run, out)
+    metrics = (out / "metrics.jsonl").read_text()
+    if case.startswith("malformed"):
+        metrics = "{oops\n" + metrics
+        (out / "metrics.jsonl").write_text(metrics)
+    forbid(monkeypatch, "load_causal_lm")
+    error = main_error(resume_args(tiny_llama, arithmetic_jsonl, out, *extra), capsys)
+    assert message.format(out=out) in error
+    assert (out / "metrics.jsonl").read_text() == metrics  # nothing was rewritten
+
+
+def test_metrics_without_a_checkpoint_say_how_to_start_over(tiny_llama, arithmetic_jsonl,
+                                                            tmp_path, monkeypatch, capsys):
+    # A run that saved no checkpoint can be neither resumed nor restarted in place: both
+    # messages say what to do instead of pointing at each other.
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "metrics.jsonl").write_text('{"step": 1}\n')
+    forbid(monkeypatch, "load_causal_lm")
+    args = train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 2)
+    resume = main_error(args + ["--resume"], capsys)
+    assert "holds metrics.jsonl but no checkpoint-N folder: the run saved none" in resume
+    assert "Start over in another --output-dir, or delete what this one holds" in resume
+    fresh = main_error(args, capsys)
+    assert "saved no checkpoint, so it cannot be resumed: choose another --output-dir, or " \
+           f"delete {out / 'metrics.jsonl'} to start over in this one" in fresh
+    missing = main_error(train_args(tiny_llama, arithmetic_jsonl, tmp_path / "none",
+                                    "--steps", 2, "--resume"), capsys)
+    assert "does not exist; run without --resume" in missing
+
+
+def test_a_second_run_into_a_locked_folder_refuses_at_once(tiny_llama, arithmetic_jsonl,
+                                                           tmp_path, monkeypatch, capsys):
+    out = tmp_path / "run"
+    forbid(monkeypatch, "load_problems", "load_causal_lm")
+    with lgrpo.lock_run_folder(out):  # the first run, still running
+        error = main_error(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1), capsys)
+    assert f"--output-dir {out} is in use by another run (process {os.getpid()})" in error
+    with lgrpo.lock_run_folder(out):  # released when the first run ended
+        pass
+
+
+def test_an_output_dir_that_cannot_be_written_is_one_line(tiny_llama, arithmetic_jsonl,
+                                                          tmp_path, monkeypatch, capsys):
+    taken = tmp_path / "a-file"
+    taken.write_text("")
+    forbid(monkeypatch, "load_problems", "load_causal_lm")
+    error = main_error(train_args(tiny_llama, arithmetic_jsonl, taken, "--steps", 1), capsys)
+    assert f"--output-dir {taken}: cannot write there (File exists)" in error
+
+
+def test_cutting_metrics_back_is_atomic(tmp_path, monkeypatch):
+    # A kill between writing the new file and renaming it leaves the old file whole (the old
+    # code truncated metrics.jsonl first: a kill then erased the run's whole history).
+    path = tmp_path / "metrics.jsonl"
+    rows = [json.dumps({"step": step}) + "\n" for step in (1, 2, 3)]
+    path.write_text("".join(rows))
+
+    def killed(source, target):
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(lgrpo.os, "replace", killed)
+        with pytest.raises(KeyboardInterrupt):
+            lgrpo.keep_metrics_until(str(path), 2)
+    assert path.read_text() == "".join(rows)
+    lgrpo.keep_metrics_until(str(path), 2)
+    assert path.read_text() == "".join(rows[:2])
+
+
+# ================================================================================================
+# Appendix F. Command line: every flag checked before anything is created, loaded or started
+# ================================================================================================
+
+TRAIN_FLAGS = [  # (flag, value, the error's text after "lgrpo: error: ")
+    ("--max-grad-norm", -1, "--max-grad-norm -1.0: must be > 0 (inf turns clipping off)."),
+    ("--adv-eps", -1, "--adv-eps -1.0: must be ≥ 0 and finite (a negative ε can flip"),
+    ("--clip-eps", -0.2, "--clip-eps -0.2: must be > 0 (inf turns clipping off)."),
+    ("--micro-batch-size", -1, "--micro-batch-size -1: must be ≥ 1."),
+    ("--updates-per-batch", 0, "--updates-per-batch 0: must be ≥ 1 (μ, optimizer steps"),
+    ("--eval-size", 0, "--eval-size 0: must be ≥ 1 (an evaluation on no problems measures"),
+    ("--group-size", 0, "--group-size 0: must be ≥ 2 (GRPO compares each completion"),
+    ("--group-size", -3, "--group-size -3: must be ≥ 2"),
+    ("--prompts-per-step", 0, "--prompts-per-step 0: must be ≥ 1."),
+    ("--generation-batch-size", -1, "--generation-batch-size -1: must be ≥ 1"),
+    ("--beta", -0.04, "--beta -0.04: must be ≥ 0 and finite (0 turns the KL term off)."),
+    ("--temperature", 0, "--temperature 0.0: must be > 0 and finite"),
+    ("--top-p", 1.5, "--top-p 1.5: must be in (0, 1]"),
+    ("--top-k", -1, "--top-k -1: must be ≥ 0 (0 turns top-k off)."),
+    ("--lr", "nan", "--lr nan: must be > 0 and finite."),
+    ("--lr", "inf", "--lr inf: must be > 0 and finite."),
+    ("--steps", 0, "--steps 0: must be ≥ 1."),
+    ("--max-new-tokens", 0, "--max-new-tokens 0: must be ≥ 1."),
+    ("--eval-fraction", 1, "--eval-fraction 1.0: must be in [0, 1)."),
+    ("--weight-decay", -0.1, "--weight-decay -0.1: must be ≥ 0 and finite."),
+    ("--lora-r", -1, "--lora-r -1: must be ≥ 0 (0 is full fine-tuning)."),
+    ("--seed", -1, "--seed -1: must be ≥ 0."),
+    ("--save-every", -1, "--save-every -1: must be ≥ 0 (0 never saves)."),
+    ("--eval-every", 1, "--eval-every needs held-out problems: pass --eval-split or"),
+    ("--eval-split", "test", "pass --eval-split or --eval-fraction, not both"),
+    ("--lr", "-1e30", "argparse reads -1e30 as an option, not a number: write --lr=-1e30"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", TRAIN_FLAGS,
+                         ids=[f"{flag} {value}" for flag, value, _ in TRAIN_FLAGS])
+def test_a_bad_train_flag_is_refused_before_anything_is_created_or_loaded(
+        tiny_llama, arithmetic_jsonl, tmp_path, monkeypatch, capsys, flag, value, message):
+    out = tmp_path / "run"
+    extra = ["--eval-fraction", 0.2] if flag in ("--eval-split", "--eval-size") else []
+    forbid(monkeypatch, "load_reward", "load_problems", "lock_run_folder", "load_causal_lm")
+    error = main_error(train_args(tiny_llama, arithmetic_jsonl, out, *extra, flag, value), capsys)
+    assert error.startswith("lgrpo: error: " + message)
+    assert not out.exists()
+
+
+TOY_FLAGS = [
+    ("--n", 4, "--n 4: must be in [1, 3] (the trap is T's first n of 4 tokens; with n = 4 it "
+               "would be T itself)."),
+    ("--n", -1, "--n -1: must be in [1, 3]"),
+    ("--seeds", 0, "--seeds 0: must be ≥ 1."),
+    ("--steps", 0, "--steps 0: must be ≥ 1."),
+    ("--group-size", 1, "--group-size 1: must be ≥ 2"),
+    ("--lr", 0, "--lr 0.0: must be > 0 and finite."),
+    ("--temperature", -1, "--temperature -1.0: must be > 0 and finite."),
+    ("--workers", -2, "--workers -2: must be ≥ 0 (0 uses every core)."),
+    ("--r-neg", "nan", "--r-neg nan: must be a finite number."),
+    ("--r-neg", "-1e30", "argparse reads -1e30 as an option, not a number: write "
+                         "--r-neg=-1e30, or, among several values, with a space in front inside "
+                         "quotes: --r-neg ' -1e30'."),
+    ("--json", "/no/such/folder/table1.json", "--json /no/such/folder/table1.json: cannot write "
+                                              "there (No such file or directory)"),
+    ("--plot", "/no/such/folder/toy.png", "--plot /no/such/folder/toy.png: cannot write there"),
+    ("--toy-model", "./no/such/model", "--toy-model ./no/such/model: no such folder"),
+]
+
+
+@pytest.mark.parametrize("flag, value, message", TOY_FLAGS,
+                         ids=[f"{flag} {value}" for flag, value, _ in TOY_FLAGS])
+def test_a_bad_toy_flag_is_refused_before_any_worker_starts(monkeypatch, capsys, flag, value,
+                                                            message):
+    forbid(monkeypatch, "toy_sweep", "toy_run")
+    error = main_error(["toy", flag, value], capsys)
+    assert error.startswith("lgrpo: error: " + message)
+
+
+@pytest.mark.parametrize("command", ["plot", "plot-toy"])
+def test_a_figure_that_cannot_be_written_is_refused_before_reading(tmp_path, monkeypatch, capsys,
+                                                                   command):
+    forbid(monkeypatch, "plot_runs", "plot_toy_file")
+    error = main_error([command, tmp_path, "--out", "/no/such/folder/figure.png"], capsys)
+    assert error.startswith("lgrpo: error: --out /no/such/folder/figure.png: cannot write there")
+
+
+def test_a_negative_exponent_passes_as_the_error_says():
+    parser = lgrpo.build_parser()
+    assert parser.parse_args(["toy", "--r-neg=-1e30"]).r_neg == [-1e30]
+    assert parser.parse_args(["toy", "--r-neg", " -1e30", "-0.5"]).r_neg == [-1e30, -0.5]
+
+
+def test_a_writable_json_path_is_left_as_it_was(tmp_path):
+    new, old = tmp_path / "new.json", tmp_path / "old.json"
+    old.write_text("{}")
+    lgrpo.check_writable("--json", str(new))
+    lgrpo.check_writable("--json", str(old))
+    assert not new.exists() and old.read_text() == "{}"
+
+
+def test_unexpected_errors_keep_their_traceback(monkeypatch):
+    # Only the tool's own errors (InputError) become one line; a bug must stay debuggable.
+    def broken(args):
+        raise RuntimeError("a bug")
+
+    monkeypatch.setattr(lgrpo, "toy_sweep", broken)
+    with pytest.raises(RuntimeError, match="a bug"):
+        lgrpo.main(["toy", "--steps", 1])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--repeats", "0"], "--repeats 0: must be ≥ 1."),
+    (["--steps", "1"], "--steps 1: must be ≥ 2 (the first step is warm-up and is not reported)."),
+    (["--json", "/no/such/folder/bench.json"], "--json /no/such/folder/bench.json: cannot write"),
+])
+def test_a_bad_bench_flag_is_refused_before_anything_is_timed(monkeypatch, capsys, argv,
+                                                              message):
+    import bench
+
+    def timed(args):
+        raise AssertionError("bench ran before its flags were checked")
+
+    monkeypatch.setattr(bench, "bench", timed)
+    with pytest.raises(SystemExit) as exit_info:
+        bench.main(argv)
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.startswith("bench: error: " + message)
+
+
+# ================================================================================================
+# Appendix D. Plots
+# ================================================================================================
+
+def fake_run(path, loss, steps=30, evals=True, kl=True, half_line=False):
+    """A run folder as `train` leaves it: metrics.jsonl (step rows, eval rows every 10 steps when
+    `evals`, KL when `kl`, half a row at the end when the run is still writing) and
+    run_config.json."""
+    path.mkdir()
+    with open(path / "metrics.jsonl", "w") as f:
+        for step in range(1, steps + 1):
+            f.write(json.dumps({"step": step, "reward_mean": min(1.0, step / 20), "loss": 0.1,
+                                "kl": 0.01 * step if kl else None, "completion_len": 3 + step % 2,
+                                "path_depth": 1 + step / steps, "intermediate_prop": step / steps,
+                                "flat_frac": 0.0}) + "\n")
+            if evals and step % 10 == 0:
+                f.write(json.dumps({"step": step, "eval_accuracy": step / 40}) + "\n")
+        if half_line:
+            f.write('{"step": 31, "reward_me')
+    (path / "run_config.json").write_text(json.dumps({"loss": loss, "steps": steps}))
+    return path
+
+
+def test_plot_two_runs_and_a_run_without_eval_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    grpo = fake_run(tmp_path / "grpo", "grpo")
+    running = fake_run(tmp_path / "lambda", "lambda", evals=False, kl=False, half_line=True)
+    both, alone = tmp_path / "both.png", tmp_path / "alone.png"
+    run_cli("plot", grpo, running, "--out", both)
+    lgrpo.main(["plot", running, "--out", alone, "--smooth", 5])
+    assert is_png(both) and is_png(alone)
+
+
+def test_read_metrics_leaves_out_only_a_half_written_last_line(tmp_path):
+    run = fake_run(tmp_path / "run", "lambda", steps=3, evals=False, half_line=True)
+    assert [r["step"] for r in lgrpo.read_metrics(run)] == [1, 2, 3]
+    lines = (run / "metrics.jsonl").read_text().split("\n")
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{broken", *lines[1:]]))
+    with pytest.raises(lgrpo.InputError, match="line 2"):
+        lgrpo.read_metrics(run)
+    with pytest.raises(lgrpo.InputError, match="no metrics.jsonl"):
+        lgrpo.read_metrics(tmp_path)
+
+
+def test_run_loss_from_run_config_or_else_a_checkpoint(tmp_path):
+    assert lgrpo.run_loss(fake_run(tmp_path / "new", "grpo", steps=1)) == "grpo"
+    old = tmp_path / "old"  # a run from before run_config.json: its checkpoint's saved arguments
+    (old / "checkpoint-2").mkdir(parents=True)
+    torch.save({"step": 2, "args": {"loss": "lambda"}}, old / "checkpoint-2" / "trainer_state.pt")
+    assert lgrpo.run_loss(old) == "lambda"
+    assert lgrpo.run_loss(tmp_path) is None
+
+
+def test_plots_without_matplotlib_are_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure fails
+    with pytest.raises(lgrpo.InputError, match="pip install matplotlib"):
+        lgrpo.plot_runs([fake_run(tmp_path / "run", "grpo", steps=2)], tmp_path / "x.png")
+
+
 # ================================================================================================
 # The benchmark and the tutorial
 # ================================================================================================
 
 def test_bench_quick_smoke(tmp_path):
-    """`python bench.py --quick` runs end to end and writes the three tables; timings are never asserted."""
+    """`python bench.py --quick` runs end to end and writes the four tables; timings are never asserted."""
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=600)
@@ -1973,16 +2866,20 @@ def test_bench_quick_smoke(tmp_path):
     (mem,) = result["logprob_memory"]
     assert {"device", "vocab", "T", "batch", "token_logprobs_mb", "naive_mb", "ours_over_naive"} <= set(mem)
     assert (mem["vocab"], mem["T"]) == (4096, 128)
-    for table in ("1. ms per group", "2. Training step", "3. Peak memory"):
+    reward = result["reward"]
+    assert [r["count"] for r in reward["reward"]] == [60, 2]  # --quick: 10 problems x 6
+    assert all(0 < r["median_ms"] <= r["p90_ms"] <= r["max_ms"] for r in reward["reward"])
+    assert [r["nested_boxes"] for r in reward["boxed_stop"]] == [150, 300]
+    for table in ("1. ms per group", "2. Training step", "3. Peak memory", "4. The reward"):
         assert table in proc.stdout
-    if importlib.util.find_spec("trl"):  # table 4, lgrpo against TRL, needs trl
+    if importlib.util.find_spec("trl"):  # table 5, lgrpo against TRL, needs trl
         rows = result["trl_step"]["rows"]
         assert [(r["run"], r["loss"], r["trl_checkpointing"]) for r in rows] == [
             ("lgrpo train", "grpo", "-"), ("lgrpo train", "lambda", "-"),
             ("GRPOTrainer", "grpo", "on"), ("LambdaGRPOTrainer", "lambda", "on"),
             ("GRPOTrainer", "grpo", "off"), ("LambdaGRPOTrainer", "lambda", "off")]
         assert all(r["step_s"] > 0 for r in rows) and rows[3]["weights_share"] > 0
-        assert "4. Training step in s, lgrpo against TRL" in proc.stdout
+        assert "5. Training step in s, lgrpo against TRL" in proc.stdout
 
 
 # A duration as the notebook prints it ("in 12 s", "0.3 s", "12.5 ms"): it changes from run to run.
