@@ -1329,7 +1329,7 @@ def lambda_grpo_trainer_class():
         λ-weighted here.
         """
 
-        def __init__(self, model, reward_funcs, args=None, *more, **kwargs):
+        def __init__(self, model, reward_funcs=None, args=None, *more, **kwargs):
             # Checked before TRL loads any model; args=None is TRL's default config, all exact.
             for name, (needed, why) in TRL_EXACT_SETTINGS.items():
                 if args is not None and getattr(args, name) != needed:
