@@ -371,7 +371,8 @@ def arithmetic_jsonl(tmp_path_factory):
     with open(path, "w") as f:
         for i in range(40):
             a, b = i % 7 + 1, i % 5 + 2
-            f.write(json.dumps({"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}) + "\n")
+            row = {"question": f"What is {a}+{b}?", "answer": f"{a}+{b}={a + b}\n#### {a + b}"}
+            f.write(json.dumps(row) + "\n")
     return path
 
 
@@ -404,15 +405,17 @@ def odd_rewards(tmp_path_factory):
 
 def run_cli(*args, env=None, timeout=600):
     """Run `python lgrpo.py ARGS` from the repo; fail with its output if it exits non-zero."""
-    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, args)], cwd=REPO_DIR, capture_output=True,
-                          text=True, timeout=timeout, env={**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})})
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", **(env or {})}
+    proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, args)], cwd=REPO_DIR,
+                          capture_output=True, text=True, timeout=timeout, env=env)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return proc
 
 
 def train_args(model, data, out, *extra):
-    return ["train", "--model", model, "--dataset", data, "--output-dir", out, "--max-new-tokens", 12,
-            "--group-size", 4, "--prompts-per-step", 2, "--micro-batch-size", 3, *extra]
+    return ["train", "--model", model, "--dataset", data, "--output-dir", out,
+            "--max-new-tokens", 12, "--group-size", 4, "--prompts-per-step", 2,
+            "--micro-batch-size", 3, *extra]
 
 
 def without_timings(rows):
@@ -424,7 +427,8 @@ def read_metrics(out):
 
 
 def is_png(path):
-    """A PNG of plausible size: more than a blank canvas, less than an unreduced full-page figure."""
+    """A PNG of plausible size: more than a blank canvas, less than an unreduced full-page
+    figure."""
     data = path.read_bytes()
     return data[:8] == b"\x89PNG\r\n\x1a\n" and 5_000 < len(data) < 500_000
 
@@ -509,8 +513,9 @@ def test_sampled_completions_keep_their_eos_with_a_pad_less_tokenizer(tiny_llama
     mask, truncated = lgrpo.completion_mask(ids, {1})
     ended = ~truncated
     assert ended.any()
-    assert ((ids == 1) & mask.bool()).sum(1)[ended].eq(1).all()        # the EOS itself is kept
-    assert ids[ended].gather(1, mask[ended].sum(1, keepdim=True) - 1).eq(1).all()  # ...as the last token
+    assert ((ids == 1) & mask.bool()).sum(1)[ended].eq(1).all()  # the EOS itself is kept,
+    last = mask[ended].sum(1, keepdim=True) - 1
+    assert ids[ended].gather(1, last).eq(1).all()                  # as the last token
 
 
 def test_worked_example_outcome_advantages():
@@ -641,7 +646,8 @@ def test_token_logprobs_chunking_changes_neither_values_nor_gradients(dtype):
     results = []
     for chunk_tokens in (1 << 24, 1):
         model = lgrpo.tiny_gpt2(50, seed=0, dtype=dtype)
-        logp = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 4, temperature=0.9, chunk_tokens=chunk_tokens)
+        logp = lgrpo.token_logprobs(model, ids, torch.ones_like(ids), 4, temperature=0.9,
+                                    chunk_tokens=chunk_tokens)
         logp.sum().backward()
         results.append((logp.detach(), [p.grad.clone() for p in model.parameters()]))
     (v1, g1), (v2, g2) = results
@@ -709,7 +715,8 @@ def test_policy_loss_clip_eps_parameter_and_no_clipping_when_ratio_inside():
 
 def test_policy_loss_gradient_respects_clipping():
     # d loss / d logp per token: −P·A/N where the unclipped branch is the min, 0 where the
-    # clipped branch wins (ratio outside the range on the side A pushes to), plus β·(1−e^{ref−lp})/N.
+    # clipped branch wins (ratio outside the range on the side A pushes to),
+    # plus β·(1−e^{ref−lp})/N.
     adv = [[1.0, -2.0, 0.5], [-0.7, 0.9, 7.0]]
     beta = 0.1
     logp = _t(PL_LOGP).requires_grad_(True)
@@ -977,7 +984,7 @@ def test_worked_example_step_advantages_match_table():
 
 
 def test_step_advantages_equal_mean_of_outcome_advantages_over_members():
-    # Property (§2): A_{i,t} = mean of a_k over λ^(i,t), with a from group_advantages.
+    # Property: A_{i,t} = mean of a_k over λ^(i,t), with a from group_advantages.
     rng = random.Random(99)
     for _ in range(100):
         comps, rewards, G, ids, mask = random_batch(rng)
@@ -1132,7 +1139,8 @@ def test_lambda_grpo_counts_each_process_step_once(gpt2_models):
     s = _theorem_setup(gpt2_models)
     beta = 0.04
     sizes = lgrpo.process_set_sizes(s["ids"][:, s["P"]:], s["mask"], TH_G)
-    w64 = torch.where(sizes > 0, 1.0 / sizes.clamp(min=1).double(), torch.zeros((), dtype=torch.float64))
+    zero = torch.zeros((), dtype=torch.float64)
+    w64 = torch.where(sizes > 0, 1.0 / sizes.clamp(min=1).double(), zero)
     assert close(s["w"], w64, 1e-7)
 
     model = s["model"]
@@ -1191,7 +1199,8 @@ def test_the_valid_baseline_of_the_error_tests_gives_the_right_numbers():
     results = {name: fn() for name, fn in _call_all(ids, mask, r, 2).items()}
     sizes = [[2, 1, 0], [2, 1, 1], [1, 0, 0], [1, 1, 1]]  # groups {0, 1} and {2, 3}, by hand
     assert results["process_set_sizes"].tolist() == sizes
-    assert results["lambda_weights"].tolist() == [[1 / x if x else 0.0 for x in row] for row in sizes]
+    weights = [[1 / x if x else 0.0 for x in row] for row in sizes]
+    assert results["lambda_weights"].tolist() == weights
     assert results["trie_stats"]["flat_frac"] == 0.5  # group {2, 3} shares no first token
     a = lgrpo.group_advantages(r, 2)
     assert torch.equal(a.sign(), torch.tensor([1.0, -1.0, 1.0, -1.0], dtype=a.dtype))
@@ -1358,8 +1367,10 @@ def test_micro_batches_give_the_full_batch_update(aggregation):
     # Gradient accumulation must reproduce the full-batch loss gradient exactly (float64, SGD).
     ids, mask = lgrpo.pad_completions(lgrpo.THEOREM_GROUP + lgrpo.THEOREM_GROUP[::-1])
     prompt = torch.full((ids.shape[0], 2), 7)
-    input_ids, attention = torch.cat([prompt, ids], 1), torch.cat([torch.ones_like(prompt), mask], 1)
-    a = lgrpo.group_advantages(torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 1.0] * 2, dtype=torch.float64), 6)
+    input_ids = torch.cat([prompt, ids], 1)
+    attention = torch.cat([torch.ones_like(prompt), mask], 1)
+    rewards = torch.tensor([1.0, 0.0, 1.0, 0.0, 0.5, 1.0] * 2, dtype=torch.float64)
+    a = lgrpo.group_advantages(rewards, 6)
     w = lgrpo.lambda_weights(ids, mask, 6, dtype=torch.float64)
     params = []
     for mb in (None, 4):
@@ -1368,7 +1379,8 @@ def test_micro_batches_give_the_full_batch_update(aggregation):
         lgrpo.grpo_update(model, opt, input_ids, attention, 2, mask, a, w, micro_batch_size=mb,
                           aggregation=aggregation, max_grad_norm=math.inf)
         params.append(torch.cat([p.flatten() for p in model.parameters()]))
-    assert not torch.equal(params[0], torch.cat([p.flatten() for p in lgrpo.tiny_gpt2(8, seed=0).double().parameters()]))
+    untrained = lgrpo.tiny_gpt2(8, seed=0, dtype=torch.float64).parameters()
+    assert not torch.equal(params[0], torch.cat([p.flatten() for p in untrained]))
     torch.testing.assert_close(params[0], params[1], rtol=0, atol=1e-12)
 
 
@@ -1389,10 +1401,15 @@ def test_grpo_update_stops_before_a_non_finite_step(bad):
 @pytest.mark.parametrize("n", [1, 2])
 @pytest.mark.parametrize("r_neg", [-0.5, -1.5])
 def test_tree_rewards_on_all_16_paths(n, r_neg):
-    # The reward of every root-to-leaf path, by the rule of §6, against the vectorized form.
+    # The reward of every root-to-leaf path, by the rule of Table 1, against the vectorized form.
     target = [2, 1, 1, 2]
     paths = list(itertools.product([1, 2], repeat=4))
-    expected = [1.0 if list(p) == target else r_neg if list(p[:n]) == target[:n] else 0.7 for p in paths]
+    expected = []
+    for p in paths:
+        if list(p) == target:
+            expected.append(1.0)
+        else:
+            expected.append(r_neg if list(p[:n]) == target[:n] else 0.7)
     got = lgrpo.tree_rewards(torch.tensor(paths), torch.tensor(target), n, r_neg)
     assert got.tolist() == pytest.approx(expected)
     assert sum(e == r_neg for e in expected) == 2 ** (4 - n) - 1  # the trap: T's subtree minus T
@@ -1402,7 +1419,8 @@ def test_toy_lambda_and_grpo_losses_differ_exactly_by_lambda_weights():
     # On one sampled batch, d loss / d logp of λ-GRPO is GRPO's times 1/|λ| token by token.
     model, start, actions = lgrpo.toy_policy(None, seed=0)
     torch.manual_seed(0)
-    paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 16,
+    prompt = torch.tensor([[start]])
+    paths = lgrpo.sample_completions(model, prompt, torch.ones_like(prompt), 16,
                                      max_new_tokens=4, min_new_tokens=4, eos_token_id=None,
                                      logits_processor=[lgrpo.AllowTokens(actions)])
     assert paths.shape == (16, 4) and set(paths.unique().tolist()) <= set(actions)
@@ -1421,10 +1439,12 @@ def test_toy_lambda_and_grpo_losses_differ_exactly_by_lambda_weights():
 
 def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
     out = tmp_path / "toy.json"
-    proc = run_cli("toy", "--steps", 3, "--seeds", 2, "--n", 1, "--r-neg", -1.0, "--workers", 1, "--json", out)
+    proc = run_cli("toy", "--steps", 3, "--seeds", 2, "--n", 1, "--r-neg", -1.0, "--workers", 1,
+                   "--json", out)
     assert "paper" in proc.stdout and "0.7535" in proc.stdout  # printed beside the paper's Table 1
     result = json.loads(out.read_text())
-    for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model", "workers"):
+    for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model",
+                "workers"):
         assert key in result["config"]
     assert result["config"]["device"] == "cpu"  # "auto" without --toy-model
     (cell,) = result["cells"]
@@ -1473,15 +1493,17 @@ def test_toy_with_a_pretrained_causal_lm_samples_only_L_and_R(tiny_llama):
     L, R = tokenizer.convert_tokens_to_ids(["L", "R"])
     model, start, actions = lgrpo.toy_policy(str(tiny_llama), seed=0)
     assert actions == [L, R] and start == tokenizer.bos_token_id
-    kw = dict(n=1, r_neg=-1.0, loss="lambda", seed=0, steps=3, group_size=8, lr=1e-3, temperature=1.0,
-              toy_model=str(tiny_llama), device="cpu")
+    kw = dict(n=1, r_neg=-1.0, loss="lambda", seed=0, steps=3, group_size=8, lr=1e-3,
+              temperature=1.0, toy_model=str(tiny_llama), device="cpu")
     run = lgrpo.toy_run(**kw)
     frequency = run["frequency"]
     assert len(frequency) == 3 and all(f in {i / 8 for i in range(9)} for f in frequency)
     assert run == lgrpo.toy_run(**kw)  # deterministic per seed on a given device
     torch.manual_seed(0)
-    paths = lgrpo.sample_completions(model, torch.tensor([[start]]), torch.ones(1, 1, dtype=torch.long), 8,
-                                     max_new_tokens=4, eos_token_id=None, logits_processor=[lgrpo.AllowTokens(actions)])
+    prompt = torch.tensor([[start]])
+    paths = lgrpo.sample_completions(model, prompt, torch.ones_like(prompt), 8, max_new_tokens=4,
+                                     eos_token_id=None,
+                                     logits_processor=[lgrpo.AllowTokens(actions)])
     assert set(paths.unique().tolist()) <= {L, R}
 
 
@@ -1576,13 +1598,13 @@ def test_toy_cli_with_a_saved_causal_lm_on_the_cpu(tiny_llama, tmp_path):
 # 7. Training an LLM: the CLI end to end on a tiny model
 # ================================================================================================
 
-@pytest.mark.parametrize("loss, extra", [("lambda", []),
-                                         ("grpo", ["--gradient-checkpointing", "--aggregation", "sequence"])])
+@pytest.mark.parametrize("loss, extra", [
+    ("lambda", []), ("grpo", ["--gradient-checkpointing", "--aggregation", "sequence"])])
 def test_train_cli_end_to_end_with_kl_and_mu_2(tiny_llama, arithmetic_jsonl, tmp_path, loss, extra):
     out = tmp_path / "run"
-    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *extra, "--steps", 3, "--loss", loss, "--beta", 0.04,
-                        "--updates-per-batch", 2, "--lr", 1e-3, "--save-every", 2, "--eval-every", 3,
-                        "--eval-fraction", 0.2, "--eval-size", 4))
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, *extra, "--steps", 3, "--loss", loss,
+                        "--beta", 0.04, "--updates-per-batch", 2, "--lr", 1e-3, "--save-every", 2,
+                        "--eval-every", 3, "--eval-fraction", 0.2, "--eval-size", 4))
     rows = read_metrics(out)
     steps = [r for r in rows if "reward_mean" in r]
     evals = [r for r in rows if "eval_accuracy" in r]
@@ -1614,7 +1636,8 @@ def test_resume_equals_uninterrupted_run(tiny_llama, arithmetic_jsonl, seven_rew
 
     run(tmp_path / "full", "--steps", 4)
     run(tmp_path / "split", "--steps", 2)
-    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:  # a row of a lost step after the checkpoint
+    # A row of a step lost after the checkpoint: the resumed run must drop it.
+    with open(tmp_path / "split" / "metrics.jsonl", "a") as f:
         f.write(json.dumps({"step": 3, "reward_mean": 99.0}) + "\n")
     run(tmp_path / "split", "--steps", 4, "--resume")
     full, split = read_metrics(tmp_path / "full"), read_metrics(tmp_path / "split")
@@ -1626,9 +1649,10 @@ def test_learnable_reward_rises(tiny_llama, arithmetic_jsonl, seven_reward, tmp_
     # λ-GRPO must make completions that begin with "7" more frequent.
     out = tmp_path / "run"
     # 64 samples a step: a first "7" (about 1 in 80 at init) shows up within the first steps.
-    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 30, "--lr", 3e-2, "--group-size", 16,
-                        "--prompts-per-step", 4, "--max-new-tokens", 3, "--micro-batch-size", 64,
-                        "--reward", "starts_with_seven:reward", "--no-stop-at-boxed"), env=seven_reward)
+    run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 30, "--lr", 3e-2,
+                        "--group-size", 16, "--prompts-per-step", 4, "--max-new-tokens", 3,
+                        "--micro-batch-size", 64, "--reward", "starts_with_seven:reward",
+                        "--no-stop-at-boxed"), env=seven_reward)
     rewards = [r["reward_mean"] for r in read_metrics(out)]
     first, last = sum(rewards[:5]) / 5, sum(rewards[-5:]) / 5
     assert last > first + 0.3, rewards
@@ -1637,7 +1661,8 @@ def test_learnable_reward_rises(tiny_llama, arithmetic_jsonl, seven_reward, tmp_
     assert is_png(tmp_path / "run.png")
 
 
-def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_llama, arithmetic_jsonl, tmp_path):
+def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(
+        tiny_llama, arithmetic_jsonl, tmp_path):
     out = tmp_path / "run"
     run_cli(*train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1))
     before = (out / "metrics.jsonl").read_text()
@@ -1645,8 +1670,8 @@ def test_train_refuses_to_overwrite_an_earlier_run_and_to_eval_on_nothing(tiny_l
     for extra, message in ((["--steps", 2], "cannot be resumed"),
                            (["--steps", 1, "--eval-every", 1], "--eval-fraction")):
         where = out if extra[-1] == 2 else tmp_path / "other"
-        proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, train_args(tiny_llama, arithmetic_jsonl, where,
-                                                                                *extra))],
+        args = train_args(tiny_llama, arithmetic_jsonl, where, *extra)
+        proc = subprocess.run([sys.executable, "lgrpo.py", *map(str, args)],
                               cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
         assert proc.returncode != 0 and message in proc.stderr
     assert (out / "metrics.jsonl").read_text() == before  # nothing was overwritten
@@ -2300,18 +2325,21 @@ def test_boxed_stop_lengths_cut_right_after_the_box(tiny_llama):
     from transformers import AutoTokenizer
     tokenizer = AutoTokenizer.from_pretrained(tiny_llama)
     texts = ["so \\boxed{1{2}3} then more", "no box at all here", "\\boxed{7}"]
-    ids = lgrpo.pad_completions([tokenizer(t, add_special_tokens=False).input_ids for t in texts], pad_id=1)[0]
+    def tokens(text):
+        return tokenizer(text, add_special_tokens=False).input_ids
+
+    ids = lgrpo.pad_completions([tokens(t) for t in texts], pad_id=1)[0]
     lengths = lgrpo.boxed_lengths(tokenizer, ids)
     assert lengths.tolist() == [len("so \\boxed{1{2}3}"), ids.shape[1] + 1, len("\\boxed{7}")]
     # A box that closes on the last column is a stop, not a truncation.
-    full = lgrpo.pad_completions([tokenizer("x \\boxed{12}", add_special_tokens=False).input_ids,
-                                  tokenizer("\\boxed{7}", add_special_tokens=False).input_ids], pad_id=1)[0]
+    full = lgrpo.pad_completions([tokens("x \\boxed{12}"), tokens("\\boxed{7}")], pad_id=1)[0]
     mask, truncated = lgrpo.completion_mask(full, {1}, lgrpo.boxed_lengths(tokenizer, full))
     assert truncated.tolist() == [False, False] and mask.sum(1).tolist() == [12, 9]
     # generate() asks the criterion after every new token: it must first say "done" exactly there.
     stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
     fired = torch.stack([stop(ids[:, :n], None) for n in range(1, ids.shape[1] + 1)], 1)
-    assert fired.int().argmax(1).add(1)[[0, 2]].tolist() == [lengths[0], lengths[2]] and not fired[1].any()
+    first_fired = fired.int().argmax(1).add(1)
+    assert first_fired[[0, 2]].tolist() == [lengths[0], lengths[2]] and not fired[1].any()
 
 
 def byte_level_bpe():
@@ -2440,7 +2468,8 @@ def test_missing_field_lists_the_columns(tiny_llama, arithmetic_jsonl, tmp_path)
         tiny_llama, arithmetic_jsonl, tmp_path / "r", "--steps", 1, "--prompt-field", "problem"))],
         cwd=REPO_DIR, capture_output=True, text=True, timeout=300)
     assert proc.returncode != 0
-    assert "problem" in proc.stderr and "['question', 'answer']" in proc.stderr and "--prompt-field" in proc.stderr
+    for expected in ("problem", "['question', 'answer']", "--prompt-field"):
+        assert expected in proc.stderr
 
 
 def test_prompts_use_the_chat_template_when_there_is_one(tiny_llama):
@@ -2451,8 +2480,8 @@ def test_prompts_use_the_chat_template_when_there_is_one(tiny_llama):
     assert tokenizer.decode(plain["input_ids"][1], skip_special_tokens=True) == "be brief\n\nHi\n"
     first = plain["attention_mask"][1].argmax()  # left padding: the first real token is BOS
     assert plain["input_ids"][1, first] == tokenizer.bos_token_id
-    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
-                               "{% if add_generation_prompt %}assistant: {% endif %}")
+    tokenizer.chat_template = ("{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n"
+                               "{% endfor %}{% if add_generation_prompt %}assistant: {% endif %}")
     chat = lgrpo.encode_prompts(tokenizer, ["Hi"], "be brief", "cpu")
     assert tokenizer.decode(chat["input_ids"][0]) == "system: be brief\nuser: Hi\nassistant: "
 
