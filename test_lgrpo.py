@@ -2875,7 +2875,8 @@ def test_plots_without_matplotlib_are_a_one_line_error(tmp_path, monkeypatch):
 # ================================================================================================
 
 def test_bench_quick_smoke(tmp_path):
-    """`python bench.py --quick` runs end to end and writes the four tables; timings are never asserted."""
+    """`python bench.py --quick` runs end to end and writes its tables (four, five with trl);
+    timings are never asserted."""
     out = tmp_path / "out.json"
     proc = subprocess.run([sys.executable, "bench.py", "--quick", "--json", str(out)],
                           cwd=REPO_DIR, capture_output=True, text=True, timeout=600)
