@@ -307,34 +307,6 @@ def format_trie(root, show=str, depth=0):
     return "\n".join(line for line in lines if line)
 
 
-def trie_stats(completion_ids, completion_mask, group_size):
-    """The paper's overlap statistics ("does overlap happen?"), averaged over groups.
-
-    path_depth: number of process steps on a completion's path from the root, mean over the
-        group's non-empty completions. Along a path the process sets only shrink, so a new step
-        starts exactly where |λ| changes.
-    intermediate_prop: share of a completion's tokens that lie in shared steps (|λ| > 1).
-    flat_frac: share of groups whose trie is flat (every |λ| = 1: the PRM is plain ORM).
-    """
-    if completion_ids.shape[0] == 0:
-        raise ValueError("trie_stats needs at least one group; the batch is empty.")
-    sizes = process_set_sizes(completion_ids, completion_mask, group_size)
-    valid = sizes > 0
-    lengths = valid.sum(1)
-    starts = valid & (sizes != F.pad(sizes, (1, 0))[:, :-1])
-    nonempty = (lengths > 0).view(-1, group_size).double()
-    members = nonempty.sum(1).clamp(min=1)
-
-    def group_mean(per_completion):  # over each group's non-empty completions, then over groups
-        per_group = (per_completion.double().view(-1, group_size) * nonempty).sum(1) / members
-        return per_group.mean().item()
-
-    flat = (sizes <= 1).view(-1, group_size * sizes.shape[1]).all(1)
-    return {"path_depth": group_mean(starts.sum(1)),
-            "intermediate_prop": group_mean((sizes > 1).sum(1) / lengths.clamp(min=1)),
-            "flat_frac": flat.double().mean().item()}
-
-
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # 3. Step rewards and Theorem 1: the process reward model hidden in GRPO
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -521,7 +493,8 @@ class Check:
 
 
 def at_most(name, measured, tol, why=""):
-    return Check(name, measured, measured <= tol, f"≤ {tol:g}", why)
+    return Check(name=name, measured=measured, passed=measured <= tol, bound=f"≤ {tol:g}",
+                 why=why)
 
 
 def max_abs_diff(xs, ys):
@@ -594,7 +567,8 @@ def theorem1_checks(beta=0.04, tol=1e-10):
 
     def objective(advantages, **kw):
         def loss(logp, old_logp):
-            return policy_loss(logp, old_logp, ref_logp, advantages, mask, beta=beta, **kw)
+            return policy_loss(logp, old_logp, ref_logp, advantages=advantages, mask=mask,
+                               beta=beta, **kw)
         return loss
 
     def steps_counted_once(logp, old):
@@ -605,8 +579,8 @@ def theorem1_checks(beta=0.04, tol=1e-10):
             i, s, e = node.members[0], node.start, node.end
             step_adv = torch.tensor([node.advantage], dtype=torch.float64)
             total = total + (e - s) * policy_loss(logp[i:i + 1, s:e], old[i:i + 1, s:e],
-                                                  ref_logp[i:i + 1, s:e], step_adv,
-                                                  mask[i:i + 1, s:e], beta=beta)
+                                                  ref_logp[i:i + 1, s:e], advantages=step_adv,
+                                                  mask=mask[i:i + 1, s:e], beta=beta)
         return total / mask.sum()
 
     def value_and_grad(loss, model=policy, old_logp=None):
@@ -620,8 +594,8 @@ def theorem1_checks(beta=0.04, tol=1e-10):
         if equal:
             return [at_most(f"{name}: value", dv, tol, why),
                     at_most(f"{name}: gradient of all {len(params)} parameter tensors", dg, tol)]
-        return [Check(f"{name}: value", dv, dv > 1e-6,
-                      "> 1e-6, equality breaks as the paper says", why)]
+        return [Check(name=f"{name}: value", measured=dv, passed=dv > 1e-6,
+                      bound="> 1e-6, equality breaks as the paper says", why=why)]
 
     moved = copy.deepcopy(policy)  # μ > 1: after an update within the batch, π_θ ≠ π_old
     with torch.no_grad():
@@ -718,11 +692,11 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     for update in range(updates_per_batch):
         for s in range(0, B, mb):
             rows, mask = slice(s, s + mb), completion_mask[s:s + mb]
-            logp = token_logprobs(model, input_ids[rows], attention_mask[rows], completion_start,
-                                  temperature)
+            logp = token_logprobs(model, input_ids[rows], attention_mask[rows],
+                                  completion_start=completion_start, temperature=temperature)
             old = logp.detach() if old_logp is None else old_logp[rows]
             ref = None if ref_logp is None else ref_logp[rows]
-            loss = policy_loss(logp, old, ref, advantages[rows], mask,
+            loss = policy_loss(logp, old, ref, advantages=advantages[rows], mask=mask,
                                weights=None if weights is None else weights[rows],
                                clip_eps=clip_eps, beta=beta, aggregation=aggregation)
             # This micro-batch's share of the normalizer, in the loss's dtype (int / int would
@@ -1077,7 +1051,8 @@ def train_in_folder(args, reward_fn, train_rows, eval_rows, resume_from):
         # 1. Rollouts: G completions per prompt, masked through the first EOS (or the box).
         problems = step_problems(train_rows, step, args.prompts_per_step, args.seed)
         enc = encode_prompts(tokenizer, [q for q, _ in problems], args.system_prompt, device)
-        completion_ids, mask, truncated = rollout(args, model, tokenizer, enc, eos_ids)
+        completion_ids, mask, truncated = rollout(args, model, tokenizer, enc=enc,
+                                                  eos_ids=eos_ids)
         t1 = time.perf_counter()
         # 2. Rewards and advantages; for λ-GRPO the weights 1/|λ|.
         shown = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
@@ -1091,7 +1066,9 @@ def train_in_folder(args, reward_fn, train_rows, eval_rows, resume_from):
         P = enc["input_ids"].shape[1]
         input_ids = torch.cat([enc["input_ids"].repeat_interleave(G, 0), completion_ids], 1)
         attention = torch.cat([enc["attention_mask"].repeat_interleave(G, 0), mask], 1)
-        old_logp, ref_logp = reference_logprobs(args, model, reference, input_ids, attention, P)
+        old_logp, ref_logp = reference_logprobs(args, model, reference=reference,
+                                                input_ids=input_ids, attention=attention,
+                                                completion_start=P)
         t2 = time.perf_counter()
         # 4. Update: μ optimizer steps on the batch.
         model.train()
@@ -1128,14 +1105,15 @@ def train_in_folder(args, reward_fn, train_rows, eval_rows, resume_from):
                "peak_mem_mb": peak_memory_mb(device)}
         rows = [row]
         if args.eval_every and (step + 1) % args.eval_every == 0:
-            accuracy = evaluate(model, tokenizer, eval_rows[:args.eval_size], reward_fn, args,
-                                device)
+            accuracy = evaluate(model, tokenizer, eval_rows[:args.eval_size],
+                                reward_fn=reward_fn, args=args, device=device)
             rows.append({"step": step + 1, "eval_accuracy": accuracy})
             tqdm.write(f"step {step + 1}: eval accuracy {accuracy:.4f}")
         append_metrics(metrics_path, rows)
         bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
         if args.save_every and (step + 1) % args.save_every == 0:
-            save_checkpoint(args.output_dir, step + 1, model, tokenizer, optimizer, args)
+            save_checkpoint(args.output_dir, step + 1, model=model, tokenizer=tokenizer,
+                            optimizer=optimizer, args=args)
     return model
 
 
@@ -1235,7 +1213,8 @@ def reference_logprobs(args, model, reference, input_ids, attention, completion_
     def score(m):
         mb = args.micro_batch_size
         return torch.cat([token_logprobs(m, input_ids[s:s + mb], attention[s:s + mb],
-                                         completion_start, args.temperature)
+                                         completion_start=completion_start,
+                                         temperature=args.temperature)
                           for s in range(0, input_ids.shape[0], mb)])
 
     old_logp = score(model) if args.updates_per_batch > 1 else None
@@ -1251,6 +1230,39 @@ def zero_std_fraction(rewards, group_size):
     """Share of groups whose rewards are all equal: they carry no signal (advantages 0)."""
     r = rewards.view(-1, group_size)
     return (r == r[:, :1]).all(1).double().mean().item()
+
+
+# Does overlap happen? The paper measured the tries of its groups while it trained a 1.5B model
+# with GRPO: with 6 completions per group only about 0.2% of them were flat, and both statistics
+# below rose as training converged. `train` logs them at every step.
+
+
+def trie_stats(completion_ids, completion_mask, group_size):
+    """The paper's overlap statistics ("does overlap happen?"), averaged over groups.
+
+    path_depth: number of process steps on a completion's path from the root, mean over the
+        group's non-empty completions. Along a path the process sets only shrink, so a new step
+        starts exactly where |λ| changes.
+    intermediate_prop: share of a completion's tokens that lie in shared steps (|λ| > 1).
+    flat_frac: share of groups whose trie is flat (every |λ| = 1: the PRM is plain ORM).
+    """
+    if completion_ids.shape[0] == 0:
+        raise ValueError("trie_stats needs at least one group; the batch is empty.")
+    sizes = process_set_sizes(completion_ids, completion_mask, group_size)
+    valid = sizes > 0
+    lengths = valid.sum(1)
+    starts = valid & (sizes != F.pad(sizes, (1, 0))[:, :-1])
+    nonempty = (lengths > 0).view(-1, group_size).double()
+    members = nonempty.sum(1).clamp(min=1)
+
+    def group_mean(per_completion):  # over each group's non-empty completions, then over groups
+        per_group = (per_completion.double().view(-1, group_size) * nonempty).sum(1) / members
+        return per_group.mean().item()
+
+    flat = (sizes <= 1).view(-1, group_size * sizes.shape[1]).all(1)
+    return {"path_depth": group_mean(starts.sum(1)),
+            "intermediate_prop": group_mean((sizes > 1).sum(1) / lengths.clamp(min=1)),
+            "flat_frac": flat.double().mean().item()}
 
 
 def evaluate(model, tokenizer, problems, reward_fn, args, device):
@@ -1372,6 +1384,11 @@ def __getattr__(name):
         globals()[name] = lambda_grpo_trainer_class()
         return globals()[name]
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+# ══════════════════════════════════════════════════════════════════════════════════════════════════
+# Appendix: the plumbing. None of it is needed to understand λ-GRPO.
+# ══════════════════════════════════════════════════════════════════════════════════════════════════
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────

@@ -351,8 +351,6 @@ def close(a, b, tol):
                           torch.as_tensor(b, dtype=torch.float64), rtol=0, atol=tol)
 
 
-
-
 @pytest.fixture(scope="session")
 def tiny_llama(tmp_path_factory):
     """lgrpo's tiny Llama plus the char tokenizer, saved like a hub checkpoint. Its config asks for
@@ -579,8 +577,6 @@ def test_group_advantages_all_equal_rewards_are_exact_zeros():
     assert not torch.isnan(A).any() and torch.all(A == 0)
 
 
-
-
 def test_token_logprobs_no_padding_equals_naive_gather(gpt2_models):
     # Without padding, token_logprobs = log_softmax(logits[:, t-1])[ids[:, t]] for t >= start.
     model = gpt2_models[0]
@@ -624,8 +620,6 @@ def test_token_logprobs_is_differentiable(gpt2_models):
     (lp * cmask).sum().backward()
     assert any(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters())
     model.zero_grad(set_to_none=True)
-
-
 
 
 def test_token_logprobs_score_the_tempered_sampling_distribution():
@@ -738,7 +732,6 @@ def test_policy_loss_gradient_respects_clipping():
     # sanity: the chosen numbers exercise both clipped and unclipped tokens
     assert any(not ((0.8 < math.exp(PL_LOGP[i][t] - PL_OLD[i][t]) < 1.2)) for i in range(2)
                for t in range(2))
-
 
 
 # ================================================================================================
@@ -886,82 +879,6 @@ def test_build_trie_python_float_rewards_keep_double_precision():
         assert float(n.advantage) == pytest.approx((r_hat - mean) / (std + 1e-4), abs=1e-12, rel=0)
 
 
-def test_worked_example_trie_stats_by_hand():
-    # Hand computation for the worked example (one group of 6):
-    #   path depth (steps root->end):  1: AB,CD = 2   2: AB,EFHI = 2   3: JKL,M = 2
-    #                                  4: JKL,NQ,ST = 3   5: JKL,NQ,U = 3   6: VWYZ = 1
-    #   -> mean 13/6
-    #   intermediate proportion (tokens with |λ|>1 / length):
-    #     1: AB -> 2/4   2: AB -> 2/6   3: JKL -> 3/4   4: JKLNQ -> 5/7   5: JKLNQ -> 5/6   6: 0/4
-    #   flat_frac: the group has shared steps -> 0
-    comps, ids, mask, _ = we_batch()
-    st = lgrpo.trie_stats(ids, mask, 6)
-    props = [2 / 4, 2 / 6, 3 / 4, 5 / 7, 5 / 6, 0.0]
-    assert st["path_depth"] == pytest.approx(13 / 6, abs=1e-6)
-    assert st["intermediate_prop"] == pytest.approx(sum(props) / 6, abs=1e-6)
-    assert st["flat_frac"] == pytest.approx(0.0, abs=1e-12)
-
-    # Add a second, flat group (distinct first tokens) with one empty completion whose padding
-    # uses a real token id. Its empty completion is excluded: depth mean 1 over the 5 others,
-    # intermediate 0, flat. Then average over the 2 groups.
-    X = len(WE_LETTERS)
-    flat = [[X], [X + 1, X + 1], [X + 2, X + 2, X + 2], [], [X + 3], [X + 4, X]]
-    ids2, mask2 = pad_batch(comps + flat, pad_fill=X)
-    st2 = lgrpo.trie_stats(ids2, mask2, 6)
-    assert st2["path_depth"] == pytest.approx((13 / 6 + 1.0) / 2, abs=1e-6)
-    assert st2["intermediate_prop"] == pytest.approx((sum(props) / 6 + 0.0) / 2, abs=1e-6)
-    assert st2["flat_frac"] == pytest.approx(0.5, abs=1e-12)
-
-
-
-
-def test_trie_stats_match_bruteforce_oracle_on_random_batches():
-    # Property: trie_stats equals the brute-force definition: depth = 1 + number of |λ| changes
-    # along the completion (process sets only shrink); share of tokens with |λ|>1; flat groups.
-    rng = random.Random(2024)
-    saw_flat = saw_nonflat = False
-    for _ in range(120):
-        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
-        st = lgrpo.trie_stats(ids, mask, G)
-        exp = oracle_trie_stats(comps, G)
-        for key in ("path_depth", "intermediate_prop", "flat_frac"):
-            assert isinstance(st[key], float)
-            assert st[key] == pytest.approx(exp[key], abs=1e-6), (key, comps, G)
-        saw_flat |= exp["flat_frac"] > 0
-        saw_nonflat |= exp["flat_frac"] < 1
-    assert saw_flat and saw_nonflat
-
-
-def test_trie_stats_match_stats_read_off_build_trie():
-    # Property: trie_stats equals the statistics read off the explicit trie: path depth =
-    # number of nodes whose members include the completion; intermediate proportion = tokens in
-    # nodes with size > 1 over the length; flat = every node has size 1.
-    rng = random.Random(2025)
-    for _ in range(120):
-        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
-        st = lgrpo.trie_stats(ids, mask, G)
-        depths, props, flats = [], [], []
-        for g in range(len(comps) // G):
-            grp = comps[g * G:(g + 1) * G]
-            root = lgrpo.build_trie(grp, [0.0] * G)
-            nodes = trie_nodes(root)
-            d, p = [], []
-            for j, c in enumerate(grp):
-                if not c:
-                    continue
-                mine = [n for n in nodes if j in n.members]
-                d.append(len(mine))
-                p.append(sum(n.end - n.start for n in mine if n.size > 1) / len(c))
-            depths.append(sum(d) / len(d))
-            props.append(sum(p) / len(p))
-            flats.append(float(all(n.size == 1 for n in nodes)))
-        n_g = len(depths)
-        assert st["path_depth"] == pytest.approx(sum(depths) / n_g, abs=1e-6)
-        assert st["intermediate_prop"] == pytest.approx(sum(props) / n_g, abs=1e-6)
-        assert st["flat_frac"] == pytest.approx(sum(flats) / n_g, abs=1e-6)
-
-
-
 # ================================================================================================
 # 3. Step rewards and Theorem 1
 # ================================================================================================
@@ -1009,8 +926,6 @@ def test_no_shared_first_token_gives_trivial_prm():
     a = lgrpo.group_advantages(r, 4).double()
     A = lgrpo.step_advantages(ids, mask, r, 4).double()
     assert close(A, a[:, None] * mask, 1e-6)
-
-
 
 
 # One group: shared prefixes, unequal lengths, one exact duplicate (rows 1 and 4), a prefix.
@@ -1104,7 +1019,6 @@ def test_theorem1_breaks_with_clipping_when_mu_gt_1(gpt2_models):
     l_step_nc, g_step_nc, _ = _loss_and_grads(s, s["A"], old=old, clip_eps=1e6)
     assert abs(float(l_out_nc) - float(l_step_nc)) <= 1e-10
     assert _max_grad_diff(g_out_nc, g_step_nc) <= 1e-10
-
 
 
 # ================================================================================================
@@ -1272,7 +1186,7 @@ def _loss_inputs(mask=((1, 1, 0), (1, 0, 0))):
 
 
 def _call_with_wrong_argument(case):
-    """Call a library function with one wrong argument (issue 10, part 6)."""
+    """Call a library function with one wrong argument (the checks beside each function)."""
     logp, old, adv, mask = _loss_inputs()
     if case == "token_logprobs temperature 0":
         ids = torch.tensor([[1, 2, 3, 4]])
@@ -1343,7 +1257,6 @@ def test_huge_finite_rewards_give_finite_advantages():
     assert a.dtype == torch.float32 and torch.isfinite(a).all()
     scaled_down = lgrpo.group_advantages(torch.tensor([1.0, 1.0, 0.0, 0.0]), 4, eps=0)
     torch.testing.assert_close(a, scaled_down)  # advantages do not depend on the reward scale
-
 
 
 # ================================================================================================
@@ -1597,6 +1510,79 @@ def test_toy_cli_with_a_saved_causal_lm_on_the_cpu(tiny_llama, tmp_path):
 # ================================================================================================
 # 7. Training an LLM: the CLI end to end on a tiny model
 # ================================================================================================
+
+def test_worked_example_trie_stats_by_hand():
+    # Hand computation for the worked example (one group of 6):
+    #   path depth (steps root->end):  1: AB,CD = 2   2: AB,EFHI = 2   3: JKL,M = 2
+    #                                  4: JKL,NQ,ST = 3   5: JKL,NQ,U = 3   6: VWYZ = 1
+    #   -> mean 13/6
+    #   intermediate proportion (tokens with |λ|>1 / length):
+    #     1: AB -> 2/4   2: AB -> 2/6   3: JKL -> 3/4   4: JKLNQ -> 5/7   5: JKLNQ -> 5/6   6: 0/4
+    #   flat_frac: the group has shared steps -> 0
+    comps, ids, mask, _ = we_batch()
+    st = lgrpo.trie_stats(ids, mask, 6)
+    props = [2 / 4, 2 / 6, 3 / 4, 5 / 7, 5 / 6, 0.0]
+    assert st["path_depth"] == pytest.approx(13 / 6, abs=1e-6)
+    assert st["intermediate_prop"] == pytest.approx(sum(props) / 6, abs=1e-6)
+    assert st["flat_frac"] == pytest.approx(0.0, abs=1e-12)
+
+    # Add a second, flat group (distinct first tokens) with one empty completion whose padding
+    # uses a real token id. Its empty completion is excluded: depth mean 1 over the 5 others,
+    # intermediate 0, flat. Then average over the 2 groups.
+    X = len(WE_LETTERS)
+    flat = [[X], [X + 1, X + 1], [X + 2, X + 2, X + 2], [], [X + 3], [X + 4, X]]
+    ids2, mask2 = pad_batch(comps + flat, pad_fill=X)
+    st2 = lgrpo.trie_stats(ids2, mask2, 6)
+    assert st2["path_depth"] == pytest.approx((13 / 6 + 1.0) / 2, abs=1e-6)
+    assert st2["intermediate_prop"] == pytest.approx((sum(props) / 6 + 0.0) / 2, abs=1e-6)
+    assert st2["flat_frac"] == pytest.approx(0.5, abs=1e-12)
+
+
+def test_trie_stats_match_bruteforce_oracle_on_random_batches():
+    # Property: trie_stats equals the brute-force definition: depth = 1 + number of |λ| changes
+    # along the completion (process sets only shrink); share of tokens with |λ|>1; flat groups.
+    rng = random.Random(2024)
+    saw_flat = saw_nonflat = False
+    for _ in range(120):
+        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
+        st = lgrpo.trie_stats(ids, mask, G)
+        exp = oracle_trie_stats(comps, G)
+        for key in ("path_depth", "intermediate_prop", "flat_frac"):
+            assert isinstance(st[key], float)
+            assert st[key] == pytest.approx(exp[key], abs=1e-6), (key, comps, G)
+        saw_flat |= exp["flat_frac"] > 0
+        saw_nonflat |= exp["flat_frac"] < 1
+    assert saw_flat and saw_nonflat
+
+
+def test_trie_stats_match_stats_read_off_build_trie():
+    # Property: trie_stats equals the statistics read off the explicit trie: path depth =
+    # number of nodes whose members include the completion; intermediate proportion = tokens in
+    # nodes with size > 1 over the length; flat = every node has size 1.
+    rng = random.Random(2025)
+    for _ in range(120):
+        comps, rewards, G, ids, mask = random_batch(rng, need_nonempty=True)
+        st = lgrpo.trie_stats(ids, mask, G)
+        depths, props, flats = [], [], []
+        for g in range(len(comps) // G):
+            grp = comps[g * G:(g + 1) * G]
+            root = lgrpo.build_trie(grp, [0.0] * G)
+            nodes = trie_nodes(root)
+            d, p = [], []
+            for j, c in enumerate(grp):
+                if not c:
+                    continue
+                mine = [n for n in nodes if j in n.members]
+                d.append(len(mine))
+                p.append(sum(n.end - n.start for n in mine if n.size > 1) / len(c))
+            depths.append(sum(d) / len(d))
+            props.append(sum(p) / len(p))
+            flats.append(float(all(n.size == 1 for n in nodes)))
+        n_g = len(depths)
+        assert st["path_depth"] == pytest.approx(sum(depths) / n_g, abs=1e-6)
+        assert st["intermediate_prop"] == pytest.approx(sum(props) / n_g, abs=1e-6)
+        assert st["flat_frac"] == pytest.approx(sum(flats) / n_g, abs=1e-6)
+
 
 @pytest.mark.parametrize("loss, extra", [
     ("lambda", []), ("grpo", ["--gradient-checkpointing", "--aggregation", "sequence"])])
@@ -2685,6 +2671,65 @@ def test_cutting_metrics_back_is_atomic(tmp_path, monkeypatch):
 
 
 # ================================================================================================
+# Appendix D. Plots
+# ================================================================================================
+
+def fake_run(path, loss, steps=30, evals=True, kl=True, half_line=False):
+    """A run folder as `train` leaves it: metrics.jsonl (step rows, eval rows every 10 steps when
+    `evals`, KL when `kl`, half a row at the end when the run is still writing) and
+    run_config.json."""
+    path.mkdir()
+    with open(path / "metrics.jsonl", "w") as f:
+        for step in range(1, steps + 1):
+            f.write(json.dumps({"step": step, "reward_mean": min(1.0, step / 20), "loss": 0.1,
+                                "kl": 0.01 * step if kl else None, "completion_len": 3 + step % 2,
+                                "path_depth": 1 + step / steps, "intermediate_prop": step / steps,
+                                "flat_frac": 0.0}) + "\n")
+            if evals and step % 10 == 0:
+                f.write(json.dumps({"step": step, "eval_accuracy": step / 40}) + "\n")
+        if half_line:
+            f.write('{"step": 31, "reward_me')
+    (path / "run_config.json").write_text(json.dumps({"loss": loss, "steps": steps}))
+    return path
+
+
+def test_plot_two_runs_and_a_run_without_eval_rows(tmp_path):
+    pytest.importorskip("matplotlib")
+    grpo = fake_run(tmp_path / "grpo", "grpo")
+    running = fake_run(tmp_path / "lambda", "lambda", evals=False, kl=False, half_line=True)
+    both, alone = tmp_path / "both.png", tmp_path / "alone.png"
+    run_cli("plot", grpo, running, "--out", both)
+    lgrpo.main(["plot", running, "--out", alone, "--smooth", 5])
+    assert is_png(both) and is_png(alone)
+
+
+def test_read_metrics_leaves_out_only_a_half_written_last_line(tmp_path):
+    run = fake_run(tmp_path / "run", "lambda", steps=3, evals=False, half_line=True)
+    assert [r["step"] for r in lgrpo.read_metrics(run)] == [1, 2, 3]
+    lines = (run / "metrics.jsonl").read_text().split("\n")
+    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{broken", *lines[1:]]))
+    with pytest.raises(lgrpo.InputError, match="line 2"):
+        lgrpo.read_metrics(run)
+    with pytest.raises(lgrpo.InputError, match="no metrics.jsonl"):
+        lgrpo.read_metrics(tmp_path)
+
+
+def test_run_loss_from_run_config_or_else_a_checkpoint(tmp_path):
+    assert lgrpo.run_loss(fake_run(tmp_path / "new", "grpo", steps=1)) == "grpo"
+    old = tmp_path / "old"  # a run from before run_config.json: its checkpoint's saved arguments
+    (old / "checkpoint-2").mkdir(parents=True)
+    torch.save({"step": 2, "args": {"loss": "lambda"}}, old / "checkpoint-2" / "trainer_state.pt")
+    assert lgrpo.run_loss(old) == "lambda"
+    assert lgrpo.run_loss(tmp_path) is None
+
+
+def test_plots_without_matplotlib_are_a_one_line_error(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure fails
+    with pytest.raises(lgrpo.InputError, match="pip install matplotlib"):
+        lgrpo.plot_runs([fake_run(tmp_path / "run", "grpo", steps=2)], tmp_path / "x.png")
+
+
+# ================================================================================================
 # Appendix F. Command line: every flag checked before anything is created, loaded or started
 # ================================================================================================
 
@@ -2809,65 +2854,6 @@ def test_a_bad_bench_flag_is_refused_before_anything_is_timed(monkeypatch, capsy
         bench.main(argv)
     err = capsys.readouterr().err
     assert exit_info.value.code == 2 and err.startswith("bench: error: " + message)
-
-
-# ================================================================================================
-# Appendix D. Plots
-# ================================================================================================
-
-def fake_run(path, loss, steps=30, evals=True, kl=True, half_line=False):
-    """A run folder as `train` leaves it: metrics.jsonl (step rows, eval rows every 10 steps when
-    `evals`, KL when `kl`, half a row at the end when the run is still writing) and
-    run_config.json."""
-    path.mkdir()
-    with open(path / "metrics.jsonl", "w") as f:
-        for step in range(1, steps + 1):
-            f.write(json.dumps({"step": step, "reward_mean": min(1.0, step / 20), "loss": 0.1,
-                                "kl": 0.01 * step if kl else None, "completion_len": 3 + step % 2,
-                                "path_depth": 1 + step / steps, "intermediate_prop": step / steps,
-                                "flat_frac": 0.0}) + "\n")
-            if evals and step % 10 == 0:
-                f.write(json.dumps({"step": step, "eval_accuracy": step / 40}) + "\n")
-        if half_line:
-            f.write('{"step": 31, "reward_me')
-    (path / "run_config.json").write_text(json.dumps({"loss": loss, "steps": steps}))
-    return path
-
-
-def test_plot_two_runs_and_a_run_without_eval_rows(tmp_path):
-    pytest.importorskip("matplotlib")
-    grpo = fake_run(tmp_path / "grpo", "grpo")
-    running = fake_run(tmp_path / "lambda", "lambda", evals=False, kl=False, half_line=True)
-    both, alone = tmp_path / "both.png", tmp_path / "alone.png"
-    run_cli("plot", grpo, running, "--out", both)
-    lgrpo.main(["plot", running, "--out", alone, "--smooth", 5])
-    assert is_png(both) and is_png(alone)
-
-
-def test_read_metrics_leaves_out_only_a_half_written_last_line(tmp_path):
-    run = fake_run(tmp_path / "run", "lambda", steps=3, evals=False, half_line=True)
-    assert [r["step"] for r in lgrpo.read_metrics(run)] == [1, 2, 3]
-    lines = (run / "metrics.jsonl").read_text().split("\n")
-    (run / "metrics.jsonl").write_text("\n".join([lines[0], "{broken", *lines[1:]]))
-    with pytest.raises(lgrpo.InputError, match="line 2"):
-        lgrpo.read_metrics(run)
-    with pytest.raises(lgrpo.InputError, match="no metrics.jsonl"):
-        lgrpo.read_metrics(tmp_path)
-
-
-def test_run_loss_from_run_config_or_else_a_checkpoint(tmp_path):
-    assert lgrpo.run_loss(fake_run(tmp_path / "new", "grpo", steps=1)) == "grpo"
-    old = tmp_path / "old"  # a run from before run_config.json: its checkpoint's saved arguments
-    (old / "checkpoint-2").mkdir(parents=True)
-    torch.save({"step": 2, "args": {"loss": "lambda"}}, old / "checkpoint-2" / "trainer_state.pt")
-    assert lgrpo.run_loss(old) == "lambda"
-    assert lgrpo.run_loss(tmp_path) is None
-
-
-def test_plots_without_matplotlib_are_a_one_line_error(tmp_path, monkeypatch):
-    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import matplotlib.figure fails
-    with pytest.raises(lgrpo.InputError, match="pip install matplotlib"):
-        lgrpo.plot_runs([fake_run(tmp_path / "run", "grpo", steps=2)], tmp_path / "x.png")
 
 
 # ================================================================================================
