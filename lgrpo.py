@@ -1027,12 +1027,13 @@ def train(args):
         reward_fn = load_reward(args.reward)
         train_rows, eval_rows = load_problems(args)
         check_prompt_lengths(args, {"train": train_rows, "eval": eval_rows})
-        return train_in_folder(args, reward_fn=reward_fn, train_rows=train_rows,
+        return training_loop(args, reward_fn=reward_fn, train_rows=train_rows,
                                eval_rows=eval_rows, resume_from=resume_from)
 
 
-def train_in_folder(args, reward_fn, train_rows, eval_rows, resume_from):
-    """The training loop of `train`, in a checked and locked run folder."""
+def training_loop(args, reward_fn, train_rows, eval_rows, resume_from):
+    """The loop of `train`, in a checked and locked run folder: setup, then per step 1. rollouts,
+    2. rewards and advantages, 3. log-probs, 4. the update, 5. log and checkpoint."""
     from tqdm import tqdm
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     seed_everything(args.seed)
