@@ -1028,7 +1028,7 @@ def train(args):
         train_rows, eval_rows = load_problems(args)
         check_prompt_lengths(args, {"train": train_rows, "eval": eval_rows})
         return training_loop(args, reward_fn=reward_fn, train_rows=train_rows,
-                               eval_rows=eval_rows, resume_from=resume_from)
+                             eval_rows=eval_rows, resume_from=resume_from)
 
 
 def training_loop(args, reward_fn, train_rows, eval_rows, resume_from):
