@@ -406,11 +406,16 @@ def check_loss_inputs(logp, old_logp, advantages, mask, weights, aggregation, cl
     if not 0 <= beta < math.inf:
         raise ValueError(f"beta must be ≥ 0 and finite (got {beta}): a negative β rewards moving "
                          "away from the reference model.")
-    # The mask multiplies each token's term: a 2 would count a token twice. (A host sync, but
-    # only for non-boolean masks.)
+    check_binary_mask(mask)
+
+
+def check_binary_mask(mask):
+    """The mask as booleans, after checking it holds only 0 and 1: it multiplies each token's
+    term, so a 2 would count a token twice. (One host sync, for non-boolean masks only.)"""
     if mask.dtype != torch.bool and ((mask != 0) & (mask != 1)).any():
         raise ValueError(f"mask must hold only 0 and 1, got the values "
                          f"{sorted(set(mask.unique().tolist()) - {0, 1})}.")
+    return mask.bool()
 
 
 def check_completions(completion_ids, completion_mask, group_size):
@@ -686,6 +691,8 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     mb = micro_batch_size or B
     if updates_per_batch > 1 and old_logp is None:
         raise ValueError("updates_per_batch > 1 needs old_logp, the sampling policy's log-probs.")
+    # Checked once for the whole batch; as booleans the micro-batches need no check of their own.
+    completion_mask = check_binary_mask(completion_mask)
     n_tokens = completion_mask.sum().clamp(min=1)
     norm = n_tokens if aggregation == "token" else B
     stats = {"loss": 0.0, "kl": 0.0, "clip_frac": 0.0}
