@@ -60,11 +60,12 @@ class InputError(ValueError):
 
 @torch.no_grad()
 def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=None,
-                       pad_token_id=0, **generate_kwargs):
+                       pad_token_id=0, do_sample=True, **generate_kwargs):
     """A group of `group_size` completions from π_old for every (left-padded) prompt.
 
     Returns completion tokens [P·G, T], right-padded with `pad_token_id`; rows g·G … g·G+G−1 are
     prompt g's group. `batch_size` bounds how many rows one HF `generate` call decodes at once.
+    `do_sample=False` decodes greedily (evaluation).
     """
     ids = prompt_ids.repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
@@ -72,7 +73,7 @@ def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=No
     chunks = []
     for s in range(0, ids.shape[0], batch_size):
         out = model.generate(input_ids=ids[s:s + batch_size], attention_mask=mask[s:s + batch_size],
-                             do_sample=True, pad_token_id=pad_token_id, **generate_kwargs)
+                             do_sample=do_sample, pad_token_id=pad_token_id, **generate_kwargs)
         chunks.append(out[:, ids.shape[1]:])
     width = max(c.shape[1] for c in chunks)
     return torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
@@ -332,8 +333,9 @@ def step_advantages(completion_ids, completion_mask, rewards, group_size, eps=1e
     a = group_advantages(rewards, group_size, eps).view(-1, group_size)
     a = a.to(torch.promote_types(a.dtype, torch.float32))
     lcp = shared_prefix_lengths(completion_ids, completion_mask, group_size)
-    summed = process_set_sums(lcp, a, completion_ids.shape[1]).view(completion_ids.shape)
-    sizes = process_set_sizes(completion_ids, completion_mask, group_size)
+    T = completion_ids.shape[1]
+    summed = process_set_sums(lcp, a, T).view(completion_ids.shape)
+    sizes = process_set_sums(lcp, torch.ones_like(a), T).view(completion_ids.shape)  # |λ^(i,t)|
     return torch.where(sizes > 0, summed / sizes.clamp(min=1), 0)  # exactly 0 on padding
 
 
@@ -1063,8 +1065,7 @@ def training_loop(args, reward_fn, train_rows, eval_rows, resume_from):
                                                   eos_ids=eos_ids)
         t1 = time.perf_counter()
         # 2. Rewards and advantages; for λ-GRPO the weights 1/|λ|.
-        shown = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(shown, skip_special_tokens=True)
+        texts = decode_completions(tokenizer, completion_ids, mask)
         references = [answer for _, answer in problems for _ in range(G)]
         rewards, reward_errors = compute_rewards(reward_fn, texts, references)
         rewards = rewards.to(device)
@@ -1106,7 +1107,7 @@ def training_loop(args, reward_fn, train_rows, eval_rows, resume_from):
                "clip_frac": float(stats["clip_frac"]), "grad_norm": float(stats["grad_norm"]),
                "completion_len": mask.sum(1).double().mean().item(),
                "truncated_frac": truncated.double().mean().item(),
-               "zero_std_frac": zero_std_fraction(rewards, G),
+               "zero_std_frac": zero_std_fraction(advantages, G),
                **trie_stats(completion_ids, mask, G),
                "tokens_per_s": mask.sum().item() / (t3 - t0), "time_gen": t1 - t0,
                "time_score": t2 - t1, "time_update": t3 - t2,
@@ -1114,7 +1115,7 @@ def training_loop(args, reward_fn, train_rows, eval_rows, resume_from):
         rows = [row]
         if args.eval_every and (step + 1) % args.eval_every == 0:
             accuracy = evaluate(model, tokenizer, eval_rows[:args.eval_size],
-                                reward_fn=reward_fn, args=args, device=device)
+                                reward_fn=reward_fn, args=args, eos_ids=eos_ids)
             rows.append({"step": step + 1, "eval_accuracy": accuracy})
             tqdm.write(f"step {step + 1}: eval accuracy {accuracy:.4f}")
         append_metrics(metrics_path, rows)
@@ -1193,8 +1194,9 @@ def eos_token_ids(tokenizer, model):
     return {tokenizer.eos_token_id} | {t for t in configured if t is not None}
 
 
-def rollout(args, model, tokenizer, enc, eos_ids):
-    """G sampled completions per prompt, their masks and which were truncated.
+def rollout(args, model, tokenizer, enc, eos_ids, greedy=False):
+    """G sampled completions per prompt (one greedy completion when `greedy`, for evaluation),
+    their masks and which were truncated.
 
     With --stop-at-boxed a completion ends once its first \\boxed{...} closes (the authors'
     rule); generate pads it after that, and the mask ends there too.
@@ -1202,16 +1204,23 @@ def rollout(args, model, tokenizer, enc, eos_ids):
     from transformers import StoppingCriteriaList
     P = enc["input_ids"].shape[1]
     stop = StoppingCriteriaList([StopWhenBoxed(tokenizer, P)]) if args.stop_at_boxed else None
+    sampling = {} if greedy else dict(temperature=args.temperature, top_p=args.top_p,
+                                      top_k=args.top_k)
     model.eval()
     completion_ids = sample_completions(
-        model, enc["input_ids"], enc["attention_mask"], args.group_size,
+        model, enc["input_ids"], enc["attention_mask"], 1 if greedy else args.group_size,
         batch_size=args.generation_batch_size, pad_token_id=tokenizer.pad_token_id,
-        eos_token_id=sorted(eos_ids), max_new_tokens=args.max_new_tokens,
-        temperature=args.temperature, top_p=args.top_p, top_k=args.top_k,
-        repetition_penalty=1.0, stopping_criteria=stop)
+        do_sample=not greedy, eos_token_id=sorted(eos_ids), max_new_tokens=args.max_new_tokens,
+        repetition_penalty=1.0, stopping_criteria=stop, **sampling)
     stops = boxed_lengths(tokenizer, completion_ids) if args.stop_at_boxed else None
     mask, truncated = completion_mask(completion_ids, eos_ids, stops)
     return completion_ids, mask, truncated
+
+
+def decode_completions(tokenizer, completion_ids, mask):
+    """The completions' text, each cut where its mask ends (its EOS or its box)."""
+    shown = completion_ids.masked_fill(mask == 0, tokenizer.pad_token_id)
+    return tokenizer.batch_decode(shown, skip_special_tokens=True)
 
 
 @torch.no_grad()
@@ -1234,10 +1243,10 @@ def reference_logprobs(args, model, reference, input_ids, attention, completion_
     return old_logp, score(reference)
 
 
-def zero_std_fraction(rewards, group_size):
-    """Share of groups whose rewards are all equal: they carry no signal (advantages 0)."""
-    r = rewards.view(-1, group_size)
-    return (r == r[:, :1]).all(1).double().mean().item()
+def zero_std_fraction(advantages, group_size):
+    """Share of groups whose rewards are all equal: `group_advantages` gives them exactly 0
+    everywhere, and only them (any other group has a reward off its mean)."""
+    return (advantages.view(-1, group_size) == 0).all(1).double().mean().item()
 
 
 # Does overlap happen? The paper measured the tries of its groups while it trained a 1.5B model
@@ -1273,18 +1282,16 @@ def trie_stats(completion_ids, completion_mask, group_size):
             "flat_frac": flat.double().mean().item()}
 
 
-def evaluate(model, tokenizer, problems, reward_fn, args, device):
-    """Mean reward of greedy completions on held-out problems (accuracy, for the math reward)."""
-    model.eval()
+def evaluate(model, tokenizer, problems, reward_fn, args, eos_ids):
+    """Mean reward of greedy completions on held-out problems (accuracy, for the math reward),
+    through the same rollout, stopping rule, decoding and reward as training."""
     total, width = 0.0, args.generation_batch_size or args.prompts_per_step * args.group_size
     for s in range(0, len(problems), width):
         batch = problems[s:s + width]
-        enc = encode_prompts(tokenizer, [q for q, _ in batch], args.system_prompt, device)
-        with torch.no_grad():
-            out = model.generate(**enc, do_sample=False, max_new_tokens=args.max_new_tokens,
-                                 pad_token_id=tokenizer.pad_token_id)
-        texts = tokenizer.batch_decode(out[:, enc["input_ids"].shape[1]:],
-                                       skip_special_tokens=True)
+        enc = encode_prompts(tokenizer, [q for q, _ in batch], args.system_prompt, model.device)
+        completion_ids, mask, _ = rollout(args, model, tokenizer, enc=enc, eos_ids=eos_ids,
+                                          greedy=True)
+        texts = decode_completions(tokenizer, completion_ids, mask)
         rewards, _ = compute_rewards(reward_fn, texts, [ref for _, ref in batch])
         total += rewards.sum().item()
     return total / max(1, len(problems))
