@@ -1862,6 +1862,7 @@ def check_prompt_lengths(args, problems):
                      f"and {args.model} has {limit}: {fix} --system-prompt or the longest "
                      "problems.")
 
+
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # C. Runs: checkpoints and resume
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -2092,6 +2093,7 @@ def save_checkpoint(output_dir, step, model, tokenizer, optimizer, args):
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
 
+
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # D. Plots
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -2306,6 +2308,7 @@ def tiny_llama(tokenizer, seed=0, max_positions=256, **config):
     with torch.random.fork_rng():  # leave the caller's random stream alone
         torch.manual_seed(seed)
         return LlamaForCausalLM(config)
+
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # F. Command line

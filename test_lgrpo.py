@@ -1350,8 +1350,7 @@ def test_toy_lambda_and_grpo_losses_differ_exactly_by_lambda_weights():
     assert (w < 1).any()  # 16 paths over 2 first tokens always share a prefix
     grads = []
     for weights in (None, w):
-        logp = torch.randn(16, 4, dtype=torch.float64, requires_grad=True)
-        logp.data.copy_(torch.linspace(-2, -0.1, 64, dtype=torch.float64).view(16, 4))
+        logp = torch.linspace(-2, -0.1, 64, dtype=torch.float64).view(16, 4).requires_grad_()
         lgrpo.policy_loss(logp, logp.detach(), None, a.double(), mask, weights).backward()
         grads.append(logp.grad)
     torch.testing.assert_close(grads[1], grads[0] * w.double(), rtol=0, atol=1e-12)
@@ -1363,9 +1362,10 @@ def test_toy_cli_writes_json_in_the_documented_schema(tmp_path):
                    "--json", out)
     assert "paper" in proc.stdout and "0.7535" in proc.stdout  # printed beside the paper's Table 1
     result = json.loads(out.read_text())
-    for key in ("n", "r_neg", "seeds", "steps", "group_size", "lr", "temperature", "toy_model",
-                "workers"):
-        assert key in result["config"]
+    config = {key: result["config"][key] for key in ("n", "r_neg", "seeds", "steps", "group_size",
+                                                     "lr", "temperature", "toy_model", "workers")}
+    assert config == {"n": [1], "r_neg": [-1.0], "seeds": 2, "steps": 3, "group_size": 16,
+                      "lr": 3e-4, "temperature": 1.0, "toy_model": None, "workers": 1}
     assert result["config"]["device"] == "cpu"  # "auto" without --toy-model
     (cell,) = result["cells"]
     assert (cell["n"], cell["r_neg"]) == (1, -1.0)
