@@ -1,17 +1,19 @@
-"""What λ-GRPO costs: the benchmark behind the README's tables (`python bench.py`).
+"""What λ-GRPO costs: the benchmark tables of docs/benchmark.md (`python bench.py`).
 
   1. Process sets: `process_set_sizes` and `lambda_weights` against a recursive Python trie.
   2. A training step of `lgrpo.py train`, GRPO against λ-GRPO, split into its phases.
   3. Peak memory of the sampled tokens' log-probs: `token_logprobs` against the naive form.
   4. The reward: Math-Verify's cost per call and per step, and the boxed stop.
   5. When trl is installed: a step of `lgrpo.py train` against TRL's GRPOTrainer and
-     `lgrpo.LambdaGRPOTrainer`, TRL's gradient checkpointing on and off.
+     `lgrpo.LambdaGRPOTrainer` at two model sizes, phase by phase, with the same reward.
 
 Timings are printed and written with --json, never asserted: the test suite runs `--quick` as a
 smoke test only.
 """
 
 import argparse
+import contextlib
+import importlib
 import json
 import multiprocessing
 import os
@@ -20,6 +22,7 @@ import statistics
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import torch
 
@@ -98,7 +101,19 @@ def load_average():
 def device_name(device):
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    return f"CPU ({torch.get_num_threads()} threads)"
+    threads = torch.get_num_threads()
+    return f"CPU ({threads} thread{'s' if threads > 1 else ''})"
+
+
+@contextlib.contextmanager
+def torch_threads(threads):
+    """torch's intra-op threads set to `threads` inside (None: left as they are)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads or before)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
 
 
 def ms_per_group(fn, groups, G, device, repeats):
@@ -111,7 +126,10 @@ def ms_per_group(fn, groups, G, device, repeats):
 
 def bench_process_sets(devices, shapes, repeats):
     """ms per group of process_set_sizes and lambda_weights, and of the Python trie, on three
-    groups per shape (short, medium and long shared prefixes). Every answer is checked first."""
+    groups per shape (short, medium and long shared prefixes). Every answer is checked first.
+
+    `devices`: (device, torch threads or None) pairs; the CPU runs with one thread and with all,
+    as other work on the machine slows the threaded runs alone."""
     generator, rows = torch.Generator().manual_seed(0), []
     for G, T in shapes:
         groups = [bench_group(G, T, generator, skew) for skew in (3.0, 1.0, 0.25)]
@@ -120,16 +138,18 @@ def bench_process_sets(devices, shapes, repeats):
             t0 = time.perf_counter()
             expected = python_trie_sizes(ids, mask)
             trie_ms.append((time.perf_counter() - t0) * 1e3)
-            for device in devices:  # a bench that compares different answers means nothing
+            for device, _ in devices:  # a bench that compares different answers means nothing
                 got = lgrpo.process_set_sizes(ids.to(device), mask.to(device), G).cpu()
                 if not torch.equal(got, expected):
                     raise AssertionError(f"process_set_sizes disagrees with the trie, G={G}, T={T}")
-        for device in devices:
+        for device, threads in devices:
             on = [(ids.to(device), mask.to(device)) for ids, mask in groups]
-            ours = ms_per_group(lgrpo.process_set_sizes, on, G, device, repeats)
-            weights = ms_per_group(lgrpo.lambda_weights, on, G, device, repeats)
+            with torch_threads(threads):
+                ours = ms_per_group(lgrpo.process_set_sizes, on, G, device, repeats)
+                weights = ms_per_group(lgrpo.lambda_weights, on, G, device, repeats)
+                name = device_name(device)
             trie = statistics.median(trie_ms)
-            rows.append({"device": device_name(device), "G": G, "T": T,
+            rows.append({"device": name, "G": G, "T": T,
                          "process_set_sizes_ms": ours, "lambda_weights_ms": weights,
                          "python_trie_cpu_ms": trie, "trie_over_ours": trie / ours})
     return rows
@@ -138,6 +158,55 @@ def bench_process_sets(devices, shapes, repeats):
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 # 2. A training step, GRPO against λ-GRPO
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
+
+# The reward of every timed training run, lgrpo's and TRL's: the same function, at no cost, so that
+# a step times the trainer alone (Math-Verify's own cost is timed apart, in tables 4 and 5).
+ZERO_REWARD = '''"""The benchmark's reward: 0.0 for every completion."""
+
+
+def zero_reward(completion, reference):
+    return 0.0
+'''
+
+
+def write_zero_reward(workdir):
+    """The zero reward as a module in `workdir`; its `--reward` spec."""
+    with open(os.path.join(workdir, "bench_zero_reward.py"), "w") as f:
+        f.write(ZERO_REWARD)
+    return "bench_zero_reward:zero_reward"
+
+
+def quiet_worker(log, workdir):
+    """A worker's set-up: everything it prints (TRL's dict of metrics after each run, progress
+    bars, warnings) goes to `log`, not between the tables; `workdir` holds the reward's module."""
+    sys.path.insert(0, workdir)
+    with open(log, "a") as f:
+        os.dup2(f.fileno(), 1)
+        os.dup2(f.fileno(), 2)
+
+
+class Worker:
+    """One spawned process, kept for every run it is given (its imports are paid once), quiet; if
+    a run fails, the end of the process's output is shown."""
+
+    def __init__(self, name, workdir):
+        self.log = os.path.join(workdir, f"{name}.log")
+        self.pool = ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"),
+                                        initializer=quiet_worker, initargs=(self.log, workdir))
+
+    def __call__(self, fn, **kwargs):
+        try:
+            return self.pool.submit(fn, **kwargs).result()
+        except BaseException:
+            if os.path.exists(self.log):
+                with open(self.log) as f:
+                    tail = "".join(f.readlines()[-20:])
+                print(f"bench: {fn.__name__} failed; the end of its output:\n{tail}",
+                      file=sys.stderr)
+            raise
+
+    def close(self):
+        self.pool.shutdown()
 
 
 def bench_model(device, quick, tokenizer):
@@ -158,11 +227,11 @@ def step_seconds(row):
     return row["time_gen"] + row["time_score"] + row["time_update"]
 
 
-def save_model_and_data(model, tokenizer, workdir, prompts):
+def save_model_and_data(model, tokenizer, folder, prompts):
     """The model with EOS suppressed (every completion full length) and `prompts` problems no
-    completion can answer (every reward 0), saved for `lgrpo.py train` and TRL alike."""
+    completion can answer, saved in `folder` for `lgrpo.py train` and TRL alike."""
     model.generation_config.suppress_tokens = [tokenizer.eos_token_id]
-    path, data = os.path.join(workdir, "model"), os.path.join(workdir, "data.jsonl")
+    path, data = os.path.join(folder, "model"), os.path.join(folder, "data.jsonl")
     model.save_pretrained(path)
     tokenizer.save_pretrained(path)
     with open(data, "w") as f:
@@ -172,23 +241,27 @@ def save_model_and_data(model, tokenizer, workdir, prompts):
     return path, data
 
 
-def lgrpo_train_steps(path, data, out, loss, group_size, prompts, new_tokens, steps):
-    """`python lgrpo.py train` with β = 0.04 and its other defaults; its metrics, step by step."""
-    lgrpo.main(["train", "--model", path, "--dataset", data, "--output-dir", out,
-                "--loss", loss, "--seed", "0", "--group-size", str(group_size),
-                "--prompts-per-step", str(prompts), "--max-new-tokens", str(new_tokens),
-                "--steps", str(steps), "--beta", "0.04", "--no-stop-at-boxed"])
+def lgrpo_train_steps(path, data, out, loss, reward, group_size, prompts, new_tokens, steps):
+    """`python lgrpo.py train` with β = 0.04, `reward` and its other defaults; its metrics, step
+    by step. Run in a Worker: train's one-line error goes to the worker's log."""
+    try:
+        lgrpo.main(["train", "--model", path, "--dataset", data, "--output-dir", out,
+                    "--loss", loss, "--reward", reward, "--seed", "0",
+                    "--group-size", str(group_size), "--prompts-per-step", str(prompts),
+                    "--max-new-tokens", str(new_tokens), "--steps", str(steps), "--beta", "0.04",
+                    "--no-stop-at-boxed"])
+    except SystemExit as error:  # a worker must raise, not exit
+        raise RuntimeError(f"lgrpo train exited with status {error.code}") from None
     with open(os.path.join(out, "metrics.jsonl")) as f:
         return [json.loads(line) for line in f]
 
 
-def bench_train_step(args, device, workdir):
+def bench_train_step(args, device, workdir, worker, reward):
     """GRPO against λ-GRPO through lgrpo's own `train`, same seed, same batches.
 
-    EOS is suppressed, so every completion is full length. No completion can reach the answer, so
-    every reward is 0: the weights never move and both losses see the same batch at every step,
-    while a step still does all of a real step's work (a zero advantage is multiplied, not
-    skipped).
+    EOS is suppressed, so every completion is full length. Every reward is 0 (the zero reward):
+    the weights never move and both losses see the same batch at every step, while a step still
+    does all of a real step's work (a zero advantage is multiplied, not skipped).
     """
     tokenizer = lgrpo.char_tokenizer()
     model = bench_model(device, args.quick, tokenizer)
@@ -197,14 +270,15 @@ def bench_train_step(args, device, workdir):
     new_tokens = 16 if args.quick else 512 if big else 64
     steps = 2 if args.quick else args.steps  # step 1 is warm-up, never reported
     model_type = model.config.model_type
-    path, data = save_model_and_data(model, tokenizer, workdir, prompts)
+    folder = os.path.join(workdir, "train-step")
+    path, data = save_model_and_data(model, tokenizer, folder, prompts)
     del model
     runs = {"grpo": [], "lambda": []}
     # ABBA order: a later run in the same process tends to be slower; this cancels a linear drift.
     for i, loss in enumerate(("grpo", "lambda", "lambda", "grpo")):
-        out = os.path.join(workdir, f"{loss}-{i}")
-        metrics = lgrpo_train_steps(path, data, out, loss, group_size=G, prompts=prompts,
-                                    new_tokens=new_tokens, steps=steps)
+        metrics = worker(lgrpo_train_steps, path=path, data=data,
+                         out=os.path.join(folder, f"{loss}-{i}"), loss=loss, reward=reward,
+                         group_size=G, prompts=prompts, new_tokens=new_tokens, steps=steps)
         runs[loss] += metrics[1:]  # the first step warms up
     rows = []
     for loss, measured in runs.items():
@@ -410,111 +484,180 @@ def bench_reward(args):
 # 5. lgrpo against TRL
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
 
+# Two sizes of random-init Llama over the character vocabulary: the tiny one, where fixed costs
+# per call dominate, and one 4× wider and 2× deeper, where the arithmetic weighs more.
+TRL_MODELS = {"2x32": {},
+              "4x128": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
+                            num_attention_heads=4, num_key_value_heads=2)}
+# (trainer, loss, TRL's gradient checkpointing); each TRL run is paired with lgrpo's of its loss.
+TRL_RUNS = [("lgrpo train", "grpo", None), ("GRPOTrainer", "grpo", False),
+            ("GRPOTrainer", "grpo", True), ("lgrpo train", "lambda", None),
+            ("LambdaGRPOTrainer", "lambda", False), ("LambdaGRPOTrainer", "lambda", True)]
 
-def zero_reward(completions, **kwargs):
-    """TRL's reward function for the bench: no completion can reach the answer, as in table 2."""
-    return [0.0] * len(completions)
+
+def lgrpo_phases(**train):
+    """lgrpo_train_steps as phases per step, in s: gen (rollouts), score (rewards, advantages,
+    λ weights, reference log-probs), update (forward, backward, optimizer step), step."""
+    return [{"gen": r["time_gen"], "score": r["time_score"], "update": r["time_update"],
+             "step": step_seconds(r)} for r in lgrpo_train_steps(**train)]
 
 
-def trl_train_steps(path, prompts, out, trainer_class, settings):
-    """Seconds per optimizer step of a TRL trainer, and the seconds of each step spent on the λ
-    weights (0 for GRPOTrainer). A step is timed from the callback before its first micro-batch
-    (TRL generates there) to the one after the optimizer step."""
+def trl_phases(path, prompts, references, out, trainer, reward, settings):
+    """A TRL trainer's run as phases per step, in s, as lgrpo_phases: gen is TRL's `_generate`,
+    score the rest of `_generate_and_score_completions` (rewards, advantages, λ weights for
+    LambdaGRPOTrainer, reference log-probs), update the rest of the step. A step runs from the
+    callback before its first micro-batch to the one after the optimizer step. `reward`: the
+    module:function lgrpo's train is given, called the same way, once per completion."""
     from datasets import Dataset
     from transformers import TrainerCallback
-    from trl import GRPOConfig
-    step_s, weights_s = [], []
+    from trl import GRPOConfig, GRPOTrainer
+    module, name = reward.split(":")
+    score = getattr(importlib.import_module(module), name)
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def now():
+        sync(device)
+        return time.perf_counter()
+
+    def reward_fn(completions, reference, **kwargs):
+        return [score(c, r) for c, r in zip(completions, reference, strict=True)]
+    reward_fn.__name__ = name
+    steps = []
 
     class Clock(TrainerCallback):
         def on_step_begin(self, args, state, control, **kwargs):
-            self.start = time.perf_counter()
-            weights_s.append(0.0)
+            steps.append({"gen": 0.0, "gen_and_score": 0.0, "start": now()})
 
         def on_step_end(self, args, state, control, **kwargs):
-            step_s.append(time.perf_counter() - self.start)
+            steps[-1]["step"] = now() - steps[-1].pop("start")
 
-    class Timed(trainer_class):  # only LambdaGRPOTrainer calls local_lambda_weights
-        def local_lambda_weights(self, completion_ids, completion_mask):
-            start = time.perf_counter()
-            weights = super().local_lambda_weights(completion_ids, completion_mask)
-            weights_s[-1] += time.perf_counter() - start
-            return weights
+    class Timed(GRPOTrainer if trainer == "GRPOTrainer" else lgrpo.LambdaGRPOTrainer):
+        def _generate(self, *args, **kwargs):
+            start = now()
+            result = super()._generate(*args, **kwargs)
+            steps[-1]["gen"] += now() - start
+            return result
+
+        def _generate_and_score_completions(self, *args, **kwargs):
+            start = now()
+            result = super()._generate_and_score_completions(*args, **kwargs)
+            steps[-1]["gen_and_score"] += now() - start
+            return result
 
     config = GRPOConfig(output_dir=out, report_to="none", save_strategy="no", disable_tqdm=True,
                         logging_steps=10**6, seed=0, **settings)
-    trainer = Timed(model=path, reward_funcs=zero_reward, args=config, callbacks=[Clock()],
-                    train_dataset=Dataset.from_dict({"prompt": prompts}))
-    trainer.train()
-    return step_s, weights_s
+    data = Dataset.from_dict({"prompt": prompts, "reference": references})
+    Timed(model=path, reward_funcs=reward_fn, args=config, callbacks=[Clock()],
+          train_dataset=data).train()
+    for s in steps:
+        s["score"] = s["gen_and_score"] - s["gen"]
+        s["update"] = s["step"] - s.pop("gen_and_score")
+    return steps
 
 
-def bench_trl(args, device, workdir):
-    """Seconds per step: `lgrpo.py train` (GRPO, λ-GRPO) against TRL's GRPOTrainer and
-    LambdaGRPOTrainer, TRL's gradient checkpointing on (its default) and off.
+def quartiles(values):
+    """The lower and upper quartiles of `values` (both the value itself for one value)."""
+    if len(values) < 2:
+        return values[0], values[0]
+    q1, _, q3 = statistics.quantiles(values, n=4, method="inclusive")
+    return q1, q3
 
-    The same tiny float32 Llama, prompts and settings for all: G = 8, 4 prompts, EOS suppressed
-    (every completion full length), β = 0.04, temperature 0.75, micro-batches of 4 (TRL: 4 rows
-    per device, 8 accumulation steps, one generation per step), lr 1e-6, every reward 0 as in
-    table 2. The six runs go in one order and then back (ABC…CBA) to cancel a drift.
+
+def math_verify_step_ms(model, tokenizer, enc, references, group_size, new_tokens, repeats):
+    """Median ms of Math-Verify (`math_rewards`, lgrpo's default reward) on one step's
+    completions of `model`, sampled afresh for each of `repeats` steps; no answer can match."""
+    lgrpo.math_reward("72", "#### 72")  # imports Math-Verify
+    times = []
+    for _ in range(repeats):
+        ids = lgrpo.sample_completions(model, enc["input_ids"], enc["attention_mask"], group_size,
+                                       pad_token_id=tokenizer.pad_token_id, temperature=0.75,
+                                       max_new_tokens=new_tokens)
+        texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
+        start = time.perf_counter()
+        lgrpo.math_rewards(texts, references)
+        times.append((time.perf_counter() - start) * 1e3)
+    return statistics.median(times)
+
+
+def bench_trl(args, device, workdir, workers, reward):
+    """Seconds per step and per phase: `lgrpo.py train` (GRPO, λ-GRPO) against TRL's GRPOTrainer
+    and LambdaGRPOTrainer, TRL's gradient checkpointing off and on (its default), at each size
+    of TRL_MODELS; and Math-Verify's cost per step, timed alone.
+
+    The same float32 Llama, prompts, reward (zero) and settings for all: G = 8, 4 prompts, EOS
+    suppressed (every completion full length), β = 0.04, temperature 0.75, micro-batches of 4
+    (TRL: 4 rows per device, 8 accumulation steps, one generation per step), lr 1e-6. lgrpo and
+    TRL each run in a process of their own, one run at a time, interleaved: in every round each
+    of TRL_RUNS runs once, in one order and in the next round back. Step k of a TRL run is paired
+    with step k of lgrpo's run of the same loss in the same round.
     """
-    from trl import GRPOTrainer
     load_before = load_average()
     tokenizer = lgrpo.char_tokenizer()
+    tokenizer.pad_token = tokenizer.eos_token  # as lgrpo's train and TRL set it
     G, prompts = 8, 4
     new_tokens = 16 if args.quick else 64
-    steps = 2 if args.quick else args.steps  # step 1 is warm-up, never reported
-    path, data = save_model_and_data(lgrpo.tiny_llama(tokenizer, max_positions=512), tokenizer,
-                                     workdir, prompts)
-    # TRL gets the very prompt text that lgrpo's train encodes.
-    with open(data) as f:
-        questions = [json.loads(line)["question"] for line in f]
-    tokenizer.pad_token = tokenizer.eos_token
-    encoded = lgrpo.encode_prompts(tokenizer, questions, lgrpo.SYSTEM_PROMPT, "cpu")
-    texts = tokenizer.batch_decode(encoded["input_ids"], skip_special_tokens=True)
-    trl_settings = dict(per_device_train_batch_size=4, gradient_accumulation_steps=G * prompts // 4,
-                        num_generations=G, max_completion_length=new_tokens, temperature=0.75,
-                        beta=0.04, learning_rate=1e-6, max_steps=steps, bf16=False,
-                        use_cpu=device.type != "cuda",
-                        generation_kwargs={"suppress_tokens": [tokenizer.eos_token_id]})
-    runs = [("lgrpo train", "grpo", None), ("lgrpo train", "lambda", None)]
-    for checkpointing in (True, False):
-        runs += [("GRPOTrainer", "grpo", checkpointing),
-                 ("LambdaGRPOTrainer", "lambda", checkpointing)]
-    order = runs if args.quick else runs + runs[::-1]
-    measured = {run: ([], []) for run in runs}
-    for i, run in enumerate(order):
-        name, loss, checkpointing = run
-        out = os.path.join(workdir, f"trl-{i}")
-        if checkpointing is None:
-            metrics = lgrpo_train_steps(path, data, out, loss, group_size=G, prompts=prompts,
-                                        new_tokens=new_tokens, steps=steps)
-            step_s, weights_s = [step_seconds(r) for r in metrics], [0.0] * len(metrics)
-        else:
-            trainer_class = GRPOTrainer if loss == "grpo" else lgrpo.LambdaGRPOTrainer
-            settings = dict(trl_settings, gradient_checkpointing=checkpointing)
-            step_s, weights_s = trl_train_steps(path, texts, out, trainer_class=trainer_class,
-                                                settings=settings)
-        measured[run][0].extend(step_s[1:])  # the first step warms up
-        measured[run][1].extend(weights_s[1:])
-    lgrpo_s = {loss: statistics.median(measured["lgrpo train", loss, None][0])
-               for loss in ("grpo", "lambda")}
-    rows = []
-    for (name, loss, checkpointing), (step_s, weights_s) in measured.items():
-        trl = checkpointing is not None
-        # The fastest step too: the one least slowed by other work on the machine.
-        row = {"run": name, "loss": loss, "trl_checkpointing": "-",
-               "step_s": statistics.median(step_s), "fastest_s": min(step_s),
-               "lgrpo_over_this": None, "weights_share": None}
-        if trl:
-            row["trl_checkpointing"] = "on" if checkpointing else "off"
-            row["lgrpo_over_this"] = lgrpo_s[loss] / row["step_s"]  # the same loss in lgrpo
-        if trl and loss == "lambda":
-            row["weights_share"] = statistics.median(w / s for w, s in zip(weights_s, step_s))
-        rows.append(row)
-    load_after = load_average()
-    return {"device": device_name(device), "group_size": G, "prompts": prompts,
-            "new_tokens": new_tokens, "measured_steps": len(measured[runs[0]][0]), "rows": rows,
-            "load_average_1min": [load_before, load_after]}
+    rounds, steps = (1, 2) if args.quick else (args.rounds, args.trl_steps)  # step 1 warms up
+    result = {"device": device_name(device), "group_size": G, "prompts": prompts,
+              "new_tokens": new_tokens, "rounds": rounds, "measured_steps": rounds * (steps - 1),
+              "rows": [], "math_verify": []}
+    for size, config in TRL_MODELS.items():
+        model = lgrpo.tiny_llama(tokenizer, max_positions=512, **config)
+        params = sum(p.numel() for p in model.parameters())
+        folder = os.path.join(workdir, f"trl-{size}")
+        path, data = save_model_and_data(model, tokenizer, folder, prompts)
+        # TRL gets the very prompt text that lgrpo's train encodes, and the same references.
+        with open(data) as f:
+            problems = [json.loads(line) for line in f]
+        enc = lgrpo.encode_prompts(tokenizer, [p["question"] for p in problems],
+                                   lgrpo.SYSTEM_PROMPT, "cpu")
+        texts = tokenizer.batch_decode(enc["input_ids"], skip_special_tokens=True)
+        trl_settings = dict(per_device_train_batch_size=4,
+                            gradient_accumulation_steps=G * prompts // 4, num_generations=G,
+                            max_completion_length=new_tokens, temperature=0.75, beta=0.04,
+                            learning_rate=1e-6, max_steps=steps, bf16=False,
+                            use_cpu=device.type != "cuda",
+                            generation_kwargs={"suppress_tokens": [tokenizer.eos_token_id]})
+        measured = {run: [] for run in TRL_RUNS}  # per run, its steps in each round
+        for r in range(rounds):
+            for i, run in enumerate(TRL_RUNS if r % 2 == 0 else TRL_RUNS[::-1]):
+                trainer, loss, checkpointing = run
+                out = os.path.join(folder, f"run-{r}-{i}")
+                if checkpointing is None:
+                    phases = workers["lgrpo"](
+                        lgrpo_phases, path=path, data=data, out=out, loss=loss, reward=reward,
+                        group_size=G, prompts=prompts, new_tokens=new_tokens, steps=steps)
+                else:
+                    settings = dict(trl_settings, gradient_checkpointing=checkpointing)
+                    phases = workers["trl"](
+                        trl_phases, path=path, prompts=texts,
+                        references=[p["answer"] for p in problems], out=out, trainer=trainer,
+                        reward=reward, settings=settings)
+                measured[run].append(phases[1:])  # the first step warms up
+        for (trainer, loss, checkpointing), by_round in measured.items():
+            flat = [s for steps_of_round in by_round for s in steps_of_round]
+            row = {"model": size, "params": params, "run": trainer, "loss": loss,
+                   "trl_checkpointing": "-" if checkpointing is None else
+                   "on" if checkpointing else "off"}
+            for phase in ("gen", "score", "update", "step"):
+                row[f"{phase}_s"] = statistics.median(s[phase] for s in flat)
+            row["lgrpo_over_this"] = row["q1"] = row["q3"] = None
+            if checkpointing is not None:
+                ours = measured["lgrpo train", loss, None]
+                ratios = [a["step"] / b["step"] for ra, rb in zip(ours, by_round, strict=True)
+                          for a, b in zip(ra, rb, strict=True)]
+                row["lgrpo_over_this"] = statistics.median(ratios)
+                row["q1"], row["q3"] = quartiles(ratios)
+            result["rows"].append(row)
+        references = [p["answer"] for p in problems for _ in range(G)]
+        verify_ms = math_verify_step_ms(model, tokenizer, enc, references, group_size=G,
+                                        new_tokens=new_tokens, repeats=2 if args.quick else 10)
+        lambda_step = next(r["step_s"] for r in result["rows"]
+                           if (r["model"], r["run"], r["loss"]) == (size, "lgrpo train", "lambda"))
+        result["math_verify"].append({"model": size, "completions": G * prompts,
+                                      "median_ms": verify_ms,
+                                      "over_lgrpo_lambda_step": verify_ms / 1e3 / lambda_step})
+    result["load_average_1min"] = [load_before, load_average()]
+    return result
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────────
@@ -536,28 +679,68 @@ def format_table(title, rows):
     return "\n".join([title] + lines)
 
 
+def at_least(minimum, why=""):
+    """An argparse type: a whole number ≥ `minimum`, else a one-line error saying so and why."""
+    def whole_number(text):
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not a whole number.") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"{value}: must be ≥ {minimum}{why}.")
+        return value
+    return whole_number
+
+
+def writable_file(text):
+    """An argparse type: a file path whose folder exists and can be written, checked before
+    anything is timed (not after minutes of timing)."""
+    folder = os.path.dirname(os.path.abspath(text))
+    if os.path.isdir(text):
+        raise argparse.ArgumentTypeError(f"{text} is a folder; give a file name.")
+    if not os.path.isdir(folder):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write, there is no folder {folder}.")
+    if not os.access(folder, os.W_OK):
+        raise argparse.ArgumentTypeError(f"{text}: cannot write in {folder}.")
+    return text
+
+
 def build_parser():
-    p = argparse.ArgumentParser(description="Time process sets, a training step and log-prob "
-                                "memory (the README's benchmark tables).")
+    p = argparse.ArgumentParser(prog="bench", description="Time process sets, a training step, "
+                                "log-prob memory, the reward and lgrpo against TRL (the tables "
+                                "of docs/benchmark.md).")
     p.add_argument("--quick", action="store_true",
                    help="smallest configuration only (G=8, T=512; 2 steps, 16 new tokens; vocab "
-                        "4096, T=128): the test suite's smoke test, under a minute on 2 CPU cores")
-    p.add_argument("--steps", type=int, default=20,
-                   help="training steps per loss; the first is warm-up and is not reported "
-                        "(--quick: 2)")
-    p.add_argument("--repeats", type=int, default=5,
+                        "4096, T=128; one round against TRL): the test suite's smoke test, under "
+                        "a minute on 2 CPU cores")
+    warm_up = " (the first step is warm-up and is not reported)"
+    p.add_argument("--steps", type=at_least(2, warm_up), default=20,
+                   help="table 2: training steps per run, 2 runs per loss; the first is warm-up "
+                        "and is not reported (--quick: 2)")
+    p.add_argument("--rounds", type=at_least(1), default=4,
+                   help="table 5: rounds of interleaved runs, each trainer once per round "
+                        "(--quick: 1)")
+    p.add_argument("--trl-steps", type=at_least(2, warm_up), default=6,
+                   help="table 5: training steps per run; the first is warm-up and is not "
+                        "reported (--quick: 2)")
+    p.add_argument("--repeats", type=at_least(1), default=5,
                    help="timed calls of process_set_sizes / lambda_weights per shape, median "
                         "reported (the Python trie runs once per input, median of 3)")
     p.add_argument("--reward-only", action="store_true",
                    help="only table 4, the reward and the boxed stop (about a minute)")
-    p.add_argument("--json", default=None, help="also write the tables to this file")
+    p.add_argument("--json", type=writable_file, default=None,
+                   help="also write the tables to this file")
     return p
 
 
 def bench(args):
-    """The README's benchmark tables, printed and returned (and written with --json)."""
+    """The benchmark tables, printed and returned (and written with --json)."""
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    devices = [torch.device("cpu")] + ([device] if device.type == "cuda" else [])
+    devices = [(torch.device("cpu"), 1)]
+    if torch.get_num_threads() > 1:
+        devices.append((torch.device("cpu"), None))
+    if device.type == "cuda":
+        devices.append((device, None))
     shapes = [(8, 512)] if args.quick else [(G, T) for G in (8, 16, 64) for T in (512, 2048, 8192)]
     repeats = 3 if args.quick else args.repeats
     # Other work on the machine skews CPU timings (threads wait for descheduled siblings).
@@ -570,23 +753,39 @@ def bench(args):
     print(format_table(f"1. ms per group, median of {repeats} repeats over 3 groups (Python trie: "
                        f"median of 3 groups, on the CPU; load average {load} on "
                        f"{os.cpu_count()} cores)", result["process_sets"]))
+    if len(devices) > 1 and devices[1][0].type == "cpu":
+        print("   With several threads, each call waits for all of them at every tensor "
+              "operation: when\n   other processes hold the cores, at the smallest sizes that "
+              "wait can outweigh the work itself\n   (trie_over_ours below 1); one thread "
+              "never waits.")
     with tempfile.TemporaryDirectory() as workdir:
-        step = result["train_step"] = bench_train_step(args, device, workdir)
+        reward = write_zero_reward(workdir)
+        workers = {"lgrpo": Worker("lgrpo", workdir)}
+        try:
+            train_table(args, device, result, workdir, workers, reward)
+            result["logprob_memory"] = bench_logprob_memory(args, device)
+            print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 "
+                                      "logits, MB", result["logprob_memory"]))
+            print()
+            reward_table(args, result)
+            trl_table(args, device, result, workdir, workers, reward)
+        finally:
+            for worker in workers.values():
+                worker.close()
+    return write_json(args, result)
+
+
+def train_table(args, device, result, workdir, workers, reward):
+    """Table 2, printed."""
+    step = result["train_step"] = bench_train_step(args, device, workdir, workers["lgrpo"], reward)
     ratio = step["lambda_over_grpo"]
     print("\n" + format_table(f"2. Training step in s, {step['model']} random init, "
                               f"G={step['group_size']}, {step['prompts']} prompts, "
-                              f"{step['new_tokens']} new tokens, median of "
+                              f"{step['new_tokens']} new tokens, zero reward, median of "
                               f"{step['measured_steps']} steps ({step['device']})", step["rows"]))
     print(f"λ-GRPO / GRPO step time: {ratio['median']:.3f} (per-step range {ratio['min']:.3f}–"
           f"{ratio['max']:.3f}); lambda_weights alone: {step['lambda_weights_ms']:.3f} ms = "
           f"{step['lambda_weights_share_of_step']:.4%} of a λ-GRPO step")
-    result["logprob_memory"] = bench_logprob_memory(args, device)
-    print("\n" + format_table("3. Peak memory of log-probs, forward + backward, bf16 logits, MB",
-                              result["logprob_memory"]))
-    print()
-    reward_table(args, result)
-    trl_table(args, device, result)
-    return write_json(args, result)
 
 
 def reward_table(args, result):
@@ -599,7 +798,7 @@ def reward_table(args, result):
                        reward["boxed_stop"]))
 
 
-def trl_table(args, device, result):
+def trl_table(args, device, result, workdir, workers, reward):
     """Table 5, printed when trl is installed."""
     try:
         import trl  # noqa: F401
@@ -607,14 +806,20 @@ def trl_table(args, device, result):
         print("\n5. lgrpo against TRL: skipped, trl is not installed "
               "(pip install 'trl>=1.16,<1.17')")
         return
-    with tempfile.TemporaryDirectory() as workdir:
-        step = result["trl_step"] = bench_trl(args, device, workdir)
+    workers["trl"] = Worker("trl", workdir)
+    step = result["trl_step"] = bench_trl(args, device, workdir, workers, reward)
     before, after = step["load_average_1min"]
-    print("\n" + format_table(f"5. Training step in s, lgrpo against TRL, tiny Llama float32, "
-                              f"G={step['group_size']}, {step['prompts']} prompts, "
-                              f"{step['new_tokens']} new tokens, β=0.04, median of "
-                              f"{step['measured_steps']} steps ({step['device']}; load average "
-                              f"{before} → {after})", step["rows"]))
+    print("\n" + format_table(
+        f"5. Training step in s, lgrpo against TRL, the same zero reward, random-init Llama "
+        f"float32, G={step['group_size']}, {step['prompts']} prompts, {step['new_tokens']} new "
+        f"tokens, β=0.04; medians of {step['measured_steps']} steps, lgrpo_over_this: median "
+        f"and quartiles (q1, q3) of paired steps ({step['rounds']} rounds of interleaved runs, "
+        f"{step['device']}; load average {before} → {after})", step["rows"]))
+    for cost in step["math_verify"]:
+        print(f"   Math-Verify, lgrpo's default reward, timed alone on a step's "
+              f"{cost['completions']} completions of the {cost['model']} model (no answer can "
+              f"match): {cost['median_ms']:.1f} ms = {cost['over_lgrpo_lambda_step']:.2f}× "
+              f"lgrpo's λ-GRPO step above")
 
 
 def write_json(args, result):
@@ -624,22 +829,10 @@ def write_json(args, result):
     return result
 
 
-BENCH_RANGES = {"steps": ("[2, inf)", "the first step is warm-up and is not reported"),
-                "repeats": ("[1, inf)", "")}
-
-
 def main(argv=None):
-    """`python bench.py`: flags checked (and the --json file tried) before anything is timed; a
-    mistake prints one line, `bench: error: ...`, and exits 2."""
-    args = build_parser().parse_args(argv)
-    try:
-        lgrpo.check_ranges(args, BENCH_RANGES)
-        if args.json:
-            lgrpo.check_writable("--json", args.json)
-        return bench(args)
-    except lgrpo.InputError as error:
-        print(f"bench: error: {error}", file=sys.stderr)
-        sys.exit(2)
+    """`python bench.py`: flags checked (the --json folder included) before anything is timed; a
+    mistake prints `bench: error: argument --flag: ...` and exits 2."""
+    return bench(build_parser().parse_args(argv))
 
 
 if __name__ == "__main__":

@@ -5,7 +5,13 @@ implementation: exact values of the worked example, brute-force oracles written 
 way, float64 gradient comparisons, and end-to-end runs of the command line on tiny models.
 """
 
+import ast
+import copy
+import dataclasses
+import difflib
+import functools
 import importlib.util
+import inspect
 import itertools
 import json
 import math
@@ -421,7 +427,7 @@ def without_timings(rows):
 
 
 def read_metrics(out):
-    return [json.loads(line) for line in open(Path(out) / "metrics.jsonl")]
+    return [json.loads(line) for line in Path(out, "metrics.jsonl").read_text().splitlines()]
 
 
 def is_png(path):
@@ -1796,6 +1802,26 @@ def trl_fixed_reward(prompts, completions, **kwargs):
     return [rewards[p, c] for p, c in zip(prompts, completions)]
 
 
+TRL_UNSCORED = ("2+2=", "4 4")  # shares its first token with the rest of its group
+
+
+def trl_reward_with_none(prompts, completions, **kwargs):
+    """trl_fixed_reward, but None (TRL's "cannot score this one") for TRL_UNSCORED."""
+    rewards = trl_fixed_reward(prompts, completions)
+    return [None if (p, c) == TRL_UNSCORED else r for p, c, r in zip(prompts, completions, rewards)]
+
+
+class NoFloat64(torch.overrides.TorchFunctionMode):
+    """Every torch call that makes a float64 tensor raises, as on Apple's MPS, which has none."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for tensor in out if isinstance(out, (tuple, list)) else [out]:
+            if torch.is_tensor(tensor) and tensor.dtype == torch.float64:
+                raise TypeError(f"{func} made a float64 tensor")
+        return out
+
+
 def trl_policy(model_dir):
     """The saved model, float64, moved a little: TRL's reference is the saved one, so KL ≠ 0."""
     from transformers import AutoModelForCausalLM
@@ -1827,15 +1853,21 @@ def per_process_weights_trainer():
     return PerProcessWeights
 
 
-def trl_config(out_dir, **settings):
+def trl_config(out_dir, checkpointing=True, **settings):
+    """A GRPOConfig for the tiny model on the CPU; `checkpointing` is TRL's default, on."""
     from trl import GRPOConfig
+    # transformers 5 renamed gradient_checkpointing activation_checkpointing and warns
+    # (FutureWarning) when only the old name is set, as TRL's default sets it: name the new one.
+    names = {f.name for f in dataclasses.fields(GRPOConfig)}
+    key = "activation_checkpointing" if "activation_checkpointing" in names else (
+        "gradient_checkpointing")
     return GRPOConfig(output_dir=str(out_dir), bf16=False, use_cpu=True, report_to="none",
-                      save_strategy="no", disable_tqdm=True, seed=0, num_generations=TRL_G,
-                      **settings)
+                      disable_tqdm=True, seed=0, num_generations=TRL_G,
+                      **{"save_strategy": "no", key: checkpointing, **settings})
 
 
 def trl_gradient(model_dir, out_dir, trainer_class, beta, accumulation, generation_steps=1,
-                 iterations=1, **settings):
+                 iterations=1, reward=trl_fixed_reward, **settings):
     """The gradient before each optimizer step, averaged over processes (DDP) and over the steps
     that use the one generation batch: `generation_steps` optimizer steps of `accumulation`
     micro-batches cover it, `iterations` (μ) times. The learning rate is 0, so every step sees
@@ -1858,8 +1890,8 @@ def trl_gradient(model_dir, out_dir, trainer_class, beta, accumulation, generati
                         steps_per_generation=accumulation * generation_steps,
                         num_iterations=iterations, max_steps=generation_steps * iterations,
                         beta=beta, learning_rate=0.0, max_grad_norm=0.0,
-                        gradient_checkpointing=False, **exact)
-    trainer_class(model=trl_policy(model_dir), reward_funcs=trl_fixed_reward, args=config,
+                        checkpointing=False, **exact)
+    trainer_class(model=trl_policy(model_dir), reward_funcs=reward, args=config,
                   train_dataset=Dataset.from_dict({"prompt": list(TRL_GROUPS)}),
                   rollout_func=trl_fixed_rollout, callbacks=[Capture()]).train()
     return {n: sum(step[n] for step in steps) / len(steps) for n in steps[0]}
@@ -1870,15 +1902,19 @@ def trl_digit_reward(completions, **kwargs):
 
 
 def trl_train_with_generation(model_dir, out_dir):
-    """Two steps of trainer.train() with real sampling, 2 rows per process: groups straddle."""
+    """Two steps of trainer.train() with real sampling, 2 rows per process: groups straddle. No
+    float64 tensor anywhere (NoFloat64), and a checkpoint at the end: TRL writes its model card
+    to out_dir/README.md."""
     from datasets import Dataset
     from transformers import AutoModelForCausalLM
     config = trl_config(out_dir, per_device_train_batch_size=2, max_completion_length=8, beta=0.04,
-                        learning_rate=1e-2, max_steps=2, logging_steps=1)
+                        learning_rate=1e-2, max_steps=2, logging_steps=1, save_strategy="steps",
+                        save_steps=2)
     trainer = lgrpo.LambdaGRPOTrainer(model=str(model_dir), reward_funcs=trl_digit_reward,
                                       args=config,
                                       train_dataset=Dataset.from_dict({"prompt": ["1+1=", "2+2="]}))
-    trainer.train()
+    with NoFloat64():
+        trainer.train()
     before = AutoModelForCausalLM.from_pretrained(model_dir).state_dict()
     after = trainer.model.state_dict()
     return {"losses": [row["loss"] for row in trainer.state.log_history if "loss" in row],
@@ -1909,6 +1945,12 @@ def trl_worker(model_dir, out_dir):
             generation_steps=2)
         runs["num_iterations=2"] = trl_gradient(model_dir, out_dir, lgrpo.LambdaGRPOTrainer,
                                                 beta=0.04, accumulation=1, iterations=2)
+        # Rows that drop out of the loss, and rows that stay in it with advantage 0.
+        runs["mask_truncated_completions"] = trl_gradient(
+            model_dir, out_dir, lgrpo.LambdaGRPOTrainer, beta=0.04, accumulation=1,
+            mask_truncated_completions=True)
+        runs["None reward"] = trl_gradient(model_dir, out_dir, lgrpo.LambdaGRPOTrainer, beta=0.04,
+                                           accumulation=1, reward=trl_reward_with_none)
         train = trl_train_with_generation(model_dir, out_dir)
         Path(out_dir, f"train-{rank}.json").write_text(json.dumps(train))
     if rank == 0:
@@ -1938,9 +1980,12 @@ def trl_runs(tmp_path_factory):
     return model_dir, runs
 
 
-def policy_loss_gradient(model_dir, beta, weighted=True):
+def policy_loss_gradient(model_dir, beta, weighted=True, rewards=None, in_loss=None,
+                         counted=None):
     """The gradient of lgrpo's policy_loss on the 12 rows, with weights=lambda_weights(...)
-    (λ-GRPO) or without (GRPO)."""
+    (λ-GRPO) or without (GRPO). `rewards`: [3, G], NaN where the reward function returned None
+    (left out of the group's mean, advantage 0, as TRL does); `in_loss`: the rows the loss sums
+    over; `counted`: the rows |λ| counts (both [12] booleans, by default every row)."""
     from transformers import AutoModelForCausalLM
     tokenizer = lgrpo.char_tokenizer()
     model = trl_policy(model_dir)
@@ -1948,17 +1993,22 @@ def policy_loss_gradient(model_dir, beta, weighted=True):
     prompts = torch.tensor([tokenizer(p)["input_ids"] for p in TRL_GROUPS for _ in range(TRL_G)])
     ids, mask = lgrpo.pad_completions([trl_completion(tokenizer, text, eos)
                                        for group in TRL_GROUPS.values() for text, _, eos in group])
-    rewards = torch.tensor([[r for _, r, _ in group] for group in TRL_GROUPS.values()],
-                           dtype=torch.float64)
-    advantages = (rewards - rewards.mean(1, keepdim=True)).flatten()
+    if rewards is None:
+        rewards = torch.tensor([[r for _, r, _ in group] for group in TRL_GROUPS.values()],
+                               dtype=torch.float64)
+    advantages = (rewards - rewards.nanmean(1, keepdim=True)).nan_to_num(0.0).flatten()
+    everyone = torch.ones(len(ids), dtype=torch.bool)
+    in_loss = everyone if in_loss is None else in_loss
+    counted = in_loss if counted is None else counted
     input_ids = torch.cat([prompts, ids], 1)
     attention = torch.cat([torch.ones_like(prompts), mask], 1)
     logp = lgrpo.token_logprobs(model, input_ids, attention, prompts.shape[1])
     with torch.no_grad():
         ref_logp = lgrpo.token_logprobs(reference, input_ids, attention, prompts.shape[1])
-    weights = lgrpo.lambda_weights(ids, mask, TRL_G, dtype=torch.float64) if weighted else None
-    lgrpo.policy_loss(logp, logp.detach(), ref_logp, advantages, mask, weights=weights,
-                      beta=beta).backward()
+    weights = (lgrpo.lambda_weights(ids, mask * counted[:, None], TRL_G, dtype=torch.float64)
+               if weighted else None)
+    lgrpo.policy_loss(logp, logp.detach(), ref_logp, advantages, mask * in_loss[:, None],
+                      weights=weights, beta=beta).backward()
     return {n: p.grad for n, p in model.named_parameters()}
 
 
@@ -1994,6 +2044,48 @@ def test_lambda_grpo_trainer_over_several_steps_per_generation_batch(trl_runs, r
     difference = max_gradient_difference(grads[run], policy_loss_gradient(model_dir, 0.04))
     print(f"LambdaGRPOTrainer, 2 processes, β=0.04, {run}: max|Δ∇|/max|∇| = {difference:.1e}")
     assert difference < 1e-5
+
+
+def trl_rows(keep):
+    """[12] booleans: keep(prompt, completion, ends with EOS) for each row."""
+    return torch.tensor([keep(p, text, eos) for p, group in TRL_GROUPS.items()
+                         for text, _, eos in group])
+
+
+def test_lambda_grpo_trainer_truncated_rows_leave_the_loss_and_their_process_sets(trl_runs):
+    """mask_truncated_completions=True: TRL zeroes a truncated row's mask, so it leaves the loss
+    (surrogate, KL and normalizer), and the weights, computed after, leave it out of every |λ|:
+    policy_loss on the rows that ended with EOS, λ from those rows. Counting the truncated rows
+    in |λ| all the same would be another gradient."""
+    model_dir, runs = trl_runs
+    grads, _ = runs[2]
+    ended = trl_rows(lambda prompt, text, eos: eos)
+    expected = policy_loss_gradient(model_dir, 0.04, in_loss=ended)
+    difference = max_gradient_difference(grads["mask_truncated_completions"], expected)
+    counted_anyway = max_gradient_difference(
+        policy_loss_gradient(model_dir, 0.04, in_loss=ended, counted=torch.ones_like(ended)), expected)
+    print(f"mask_truncated_completions=True, 2 processes, β=0.04: max|Δ∇|/max|∇| = "
+          f"{difference:.1e}; truncated rows counted in |λ| instead: {counted_anyway:.1e}")
+    assert difference < 1e-5 and counted_anyway > 1e-3
+
+
+def test_lambda_grpo_trainer_unscored_rows_stay_members_with_advantage_zero(trl_runs):
+    """A reward of None: TRL leaves the row out of its group's mean and gives it advantage 0, but
+    keeps it in the loss (its KL term, its tokens in the normalizer), so |λ| counts it: the
+    gradient is policy_loss's on all 12 rows with that advantage. Dropping the row from the loss
+    and from |λ| would be another gradient."""
+    model_dir, runs = trl_runs
+    grads, _ = runs[2]
+    rewards = torch.tensor([[math.nan if (p, text) == TRL_UNSCORED else r for text, r, _ in group]
+                            for p, group in TRL_GROUPS.items()], dtype=torch.float64)
+    expected = policy_loss_gradient(model_dir, 0.04, rewards=rewards)
+    difference = max_gradient_difference(grads["None reward"], expected)
+    scored = trl_rows(lambda prompt, text, eos: (prompt, text) != TRL_UNSCORED)
+    dropped = max_gradient_difference(
+        policy_loss_gradient(model_dir, 0.04, rewards=rewards, in_loss=scored), expected)
+    print(f"a None reward, 2 processes, β=0.04: max|Δ∇|/max|∇| = {difference:.1e}; the row "
+          f"dropped from the loss and |λ| instead: {dropped:.1e}")
+    assert difference < 1e-5 and dropped > 1e-3
 
 
 def test_weights_computed_per_process_give_another_gradient(trl_runs):
@@ -2055,6 +2147,8 @@ def test_left_padding_without_position_ids_moves_absolute_positions_only():
 
 
 def test_two_process_training_with_generation(trl_runs):
+    """Two steps with sampling, every torch call of them refusing float64 (the weights are
+    float32, so the trainer runs on a device without float64, such as Apple's MPS)."""
     _, runs = trl_runs
     _, out = runs[2]
     ranks = [json.loads(Path(out, f"train-{rank}.json").read_text()) for rank in (0, 1)]
@@ -2064,9 +2158,23 @@ def test_two_process_training_with_generation(trl_runs):
     assert ranks[0]["checksum"] == ranks[1]["checksum"]  # DDP: one model on both processes
 
 
+def test_lambda_grpo_trainer_model_card_names_lambda_grpo_and_cites_the_paper(trl_runs):
+    """The card TRL writes with a checkpoint reads the trainer's name, tags and paper."""
+    _, runs = trl_runs
+    _, out = runs[2]
+    card = Path(out, "README.md").read_text(encoding="utf-8")
+    assert "This model was trained with λ-GRPO" in card and "- lambda-grpo" in card
+    assert ("[GRPO is Secretly a Process Reward Model](https://huggingface.co/papers/2509.21154)"
+            in card)
+    assert "author    = {Sullivan, Michael and Koller, Alexander}" in card
+    assert "DeepSeekMath" not in card
+
+
 @pytest.mark.parametrize("setting", [{"loss_type": "grpo"}, {"loss_type": "bnpo"},
                                      {"importance_sampling_level": "sequence"},
-                                     {"top_entropy_quantile": 0.2}, {"entropy_coef": 0.01}])
+                                     {"top_entropy_quantile": 0.2}, {"entropy_coef": 0.01},
+                                     {"vllm_importance_sampling_correction": True,
+                                      "use_vllm": True}])
 def test_lambda_grpo_trainer_refuses_settings_that_read_the_weights_as_a_mask(tmp_path, setting):
     pytest.importorskip("trl")
     name = next(iter(setting))
@@ -2930,24 +3038,172 @@ def test_bench_quick_smoke(tmp_path):
         assert "5. Training step in s, lgrpo against TRL" in proc.stdout
 
 
+# The tutorial's stored outputs against a fresh run, compared the way a reader reads them. Versions
+# and durations are masked: they change with the machine, never with lgrpo.py. Each printed line is
+# cut into its numbers and the text around them. The text must match exactly (a run of spaces
+# counts as one; the indentation counts, it is a trie's depth). Two numbers match when both are
+# float noise around 0 (|x| < 1e-12: a float64 gradient difference prints 4.16e-17 on one CPU and
+# 5.55e-17 on another), when both are integers (counts, sizes, members, steps) and equal, or when
+# both are floats within 5 units of their last printed digit plus 0.2 % of their size. A
+# tolerance, not rounding: rounding to a fixed number of digits still splits two close values that
+# straddle a rounding boundary. Why this much: a float summed in another order lands on the other
+# side of a printed digit (0.22135 → 0.2213 or 0.2214), and the toy runs of section 6 sample from a
+# policy whose weights differ in their last bits on another CPU, which flips a few sampled paths:
+# their mean moves by a few 1e-4 (0.9403 against 0.9405), and so does a difference of two such
+# means (Δ −0.0388 against −0.0390), which a relative tolerance alone would reject. A stale output
+# moves a number further (a table's 0.2214 → 0.2236), or changes the text or an integer (a renamed
+# function, another trie, a missing figure): test_the_tutorial_check_catches_a_stale_output.
+VERSION = re.compile(r"\b\d+\.\d+\.\d+[\w.+-]*")  # torch 2.13.0+cpu, transformers 5.0.0rc1
+
+
 # A duration as the notebook prints it ("in 12 s", "0.3 s", "12.5 ms"): it changes from run to run.
 DURATION = re.compile(r"\d+(?:\.\d+)? ?m?s\b")
 
 
+# A number as printed (1, -0.2214, 1.11e-16), never the digits of a name (FIGURE1_STEPS, x486).
+NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?")
+
+
 def notebook_text_outputs(nb):
-    """Per code cell, the text it printed or returned, durations masked (figures left out)."""
+    """Per code cell (cell index, text): what it printed or returned and its figures' text
+    (<Figure size 792x486 with 1 Axes>), versions and durations masked."""
     texts = []
-    for cell in nb.cells:
+    for index, cell in enumerate(nb.cells):
         if cell.cell_type != "code":
             continue
         text = ""
         for output in cell.outputs:
             if output.output_type == "stream" and output.name == "stdout":
                 text += output.text
-            elif output.output_type == "execute_result" and "text/plain" in output.data:
-                text += output.data["text/plain"]
-        texts.append(DURATION.sub("<duration>", text))
+            elif output.output_type in ("execute_result", "display_data"):
+                text += output.data.get("text/plain", "") + "\n"
+        texts.append((index, DURATION.sub("<duration>", VERSION.sub("<version>", text))))
     return texts
+
+
+def notebook_image_counts(nb):
+    """Per code cell, how many images (image/png, image/svg+xml, ...) it stored or drew."""
+    return [sum(any(key.startswith("image/") for key in output.get("data", {}))
+                for output in cell.outputs) for cell in nb.cells if cell.cell_type == "code"]
+
+
+def split_numbers(line):
+    """A printed line as (its text with each number replaced by #, the numbers as printed)."""
+    indent = line[:len(line) - len(line.lstrip())]
+    line = indent + " ".join(line.split())
+    return NUMBER.sub("#", line), NUMBER.findall(line)
+
+
+def last_digit(number):
+    """The value of one unit in the last printed digit: 0.9405 → 1e-4, 1.11e-16 → 1e-18."""
+    mantissa, _, exponent = number.lower().partition("e")
+    decimals = len(mantissa.partition(".")[2])
+    return 10.0 ** (int(exponent or 0) - decimals)
+
+
+def same_number(was, now):
+    """Whether two printed numbers agree up to float noise (the scheme above)."""
+    x, y = float(was), float(now)
+    if abs(x) < 1e-12 and abs(y) < 1e-12:
+        return True
+    integers = [re.fullmatch(r"[-+]?\d+", n) is not None for n in (was, now)]
+    if any(integers):
+        return all(integers) and x == y
+    unit = max(last_digit(was), last_digit(now))
+    return abs(x - y) <= 5 * unit + 2e-3 * max(abs(x), abs(y))
+
+
+def same_line(was, now):
+    """Whether two printed lines agree: the same text, their numbers up to float noise."""
+    (was_text, was_numbers), (now_text, now_numbers) = split_numbers(was), split_numbers(now)
+    return (was_text == now_text and len(was_numbers) == len(now_numbers)
+            and all(map(same_number, was_numbers, now_numbers)))
+
+
+def tutorial_differences(stored, fresh):
+    """What differs between the stored outputs of the notebook and a fresh run of it, one entry
+    per code cell with the lines that differ (a short diff); empty when the stored ones are
+    current. Text is compared by the scheme above; figures by how many each cell draws."""
+    problems = []
+    code = [c for c in stored.cells if c.cell_type == "code"]
+    cells = zip(notebook_text_outputs(stored), notebook_text_outputs(fresh),
+                notebook_image_counts(stored), notebook_image_counts(fresh), code)
+    for n, ((index, was), (_, now), was_images, now_images, cell) in enumerate(cells):
+        found = []
+        if was_images != now_images:
+            found.append(f"  stored {was_images} figure(s), the code draws {now_images}")
+        was, now = was.splitlines(), now.splitlines()
+        if len(was) != len(now):
+            diff = difflib.unified_diff(was, now, "stored", "now", lineterm="", n=0)
+            found.append(f"  {len(was)} line(s) stored, {len(now)} printed now:\n"
+                         + "\n".join(list(diff)[2:12]))
+        else:
+            found += [f"  line {i}: stored {a!r}\n          now    {b!r}"
+                      for i, (a, b) in enumerate(zip(was, now)) if not same_line(a, b)][:4]
+        if found:
+            first = cell.source.splitlines()[0][:60]
+            problems.append(f"cell {index} (code cell {n}, `{first}`):\n" + "\n".join(found))
+    return problems
+
+
+def stored_tutorial():
+    nbformat = pytest.importorskip("nbformat")
+    return nbformat.read(REPO_DIR / "tutorial.ipynb", as_version=4)
+
+
+def with_output_edited(nb, old, new):
+    """A copy of the notebook whose first stored output containing `old` has it replaced by
+    `new` (new=None: that output keeps its text and loses its image)."""
+    nb = copy.deepcopy(nb)
+    for cell in nb.cells:
+        for output in cell.get("outputs", []):
+            text = output.get("text", "") + output.get("data", {}).get("text/plain", "")
+            if old in text:
+                if new is None:
+                    output.data = {"text/plain": output.data["text/plain"]}
+                elif "text" in output:
+                    output.text = output.text.replace(old, new, 1)
+                else:
+                    output.data["text/plain"] = output.data["text/plain"].replace(old, new, 1)
+                return nb
+    raise AssertionError(f"no stored output of tutorial.ipynb contains {old!r}")
+
+
+@pytest.mark.parametrize("old, new", [
+    ("+0.4428", "+0.4482"),                                # a number of the step table
+    ("def group_advantages(", "def outcome_advantages("),  # a renamed function
+    ("members=[0, 1]\n", "members=[0, 2]\n"),              # another trie
+    ("\n    N Q ", "\n        N Q "),                      # the same trie, one step moved down
+    ("λ-GRPO 0.9405, Δ", "λ-GRPO 0.6205, Δ"),              # another toy result
+    ("8/8 passed", "7/8 passed"),                          # an integer
+    ("<Figure size 792x486 with 1 Axes>", None),           # a figure drawn without its image
+])
+def test_the_tutorial_check_catches_a_stale_output(old, new):
+    stored = stored_tutorial()
+    assert tutorial_differences(stored, stored) == []
+    edited = with_output_edited(stored, old, new)
+    problems = tutorial_differences(stored, edited)
+    cell = next(i for i, c in enumerate(edited.cells) if c != stored.cells[i])
+    assert len(problems) == 1 and problems[0].startswith(f"cell {cell} "), problems
+    if new is None:
+        assert "stored 1 figure(s), the code draws 0" in problems[0]
+
+
+@pytest.mark.parametrize("old, new", [
+    ("transformers 5.23.0", "transformers 5.25.0"),        # a version
+    ("torch 2.13.0+cpu", "torch 2.4.1+cu121"),              # another version
+    ("|difference| = 8.33e-17", "|difference| = 2.22e-16"),  # float64 noise around 0
+    ("= 0.00e+00", "= 5.55e-17"),
+    ("λ-GRPO 0.9405, Δ -0.0388", "λ-GRPO 0.9403, Δ -0.0390"),  # sampled paths that flipped
+    ("0.935, 0.964", "0.938, 0.962"),
+    ("A=-0.2214", "A=-0.2213"),                             # the other side of a printed digit
+    ("3.77e-03", "3.78e-03"),
+    ("10 runs in 38 s", "10 runs in 145 s"),                 # a duration
+    ("-0.6454, -0.6454])", "-0.6454,  -0.6454])"),      # spacing
+])
+def test_the_tutorial_check_ignores_float_noise_versions_and_durations(old, new):
+    stored = stored_tutorial()
+    assert tutorial_differences(stored, with_output_edited(stored, old, new)) == []
 
 
 def test_tutorial_runs_and_its_stored_outputs_are_current():
@@ -2961,9 +3217,106 @@ def test_tutorial_runs_and_its_stored_outputs_are_current():
     fresh = nbformat.read(REPO_DIR / "tutorial.ipynb", as_version=4)
     nbclient.NotebookClient(fresh, timeout=900, kernel_name="python3",
                             resources={"metadata": {"path": str(REPO_DIR)}}).execute()
-    for i, (was, now) in enumerate(zip(notebook_text_outputs(stored),
-                                       notebook_text_outputs(fresh))):
-        assert was == now, f"code cell {i} of tutorial.ipynb is stale: re-execute and commit it"
+    problems = tutorial_differences(stored, fresh)
+    assert not problems, (
+        "tutorial.ipynb is stale: its stored outputs are not what it prints with this lgrpo.py "
+        "(numbers compared up to float noise; versions and durations ignored):\n"
+        + "\n".join(problems))
+
+
+# A code span that cites a name: `build_trie`, `lgrpo.FIGURE1_STEPS`, `TrieNode.reward`, a family
+# `FIGURE1_*`, a call `policy_loss(..., weights=None)`.
+CITED_NAME = re.compile(r"(?:lgrpo\.)?([A-Za-z_]\w*(?:\.[A-Za-z_]\w*)*)(\*?)(?:\((.*)\))?")
+
+
+# A file the prose names (`lgrpo.py`, `metrics.jsonl`): not a name of lgrpo.
+FILE_NAME = re.compile(r"\w+\.(?:py|ipynb|md|jsonl?|txt|csv|cff|toml|ya?ml)")
+
+
+def lgrpo_has(path):
+    """Whether lgrpo has this dotted attribute path; dataclass fields count (TrieNode.members)."""
+    *parents, name = path.split(".")
+    obj = lgrpo
+    for part in parents:
+        if not hasattr(obj, part):
+            return False
+        obj = getattr(obj, part)
+    fields = {f.name for f in dataclasses.fields(obj)} if dataclasses.is_dataclass(obj) else ()
+    return hasattr(obj, name) or name in fields
+
+
+def lgrpo_words():
+    """The other names prose may cite: lgrpo.py's parameter names, its command-line options as
+    argparse names them (--prompts-per-step → prompts_per_step) and its string keys (flat_frac)."""
+    words = set()
+    for node in ast.walk(ast.parse(Path(lgrpo.__file__).read_text(encoding="utf-8"))):
+        if isinstance(node, ast.arg):
+            words.add(node.arg)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str):
+            words.add(node.value.removeprefix("--").replace("-", "_"))
+    return {w for w in words if w.isidentifier()}
+
+
+def missing_names(markdown):
+    """The code spans of a markdown text (fenced blocks aside) that cite a name lgrpo lacks."""
+    words = lgrpo_words()
+    missing = []
+    for span in re.findall(r"`([^`\n]+)`", re.sub(r"```.*?```", "", markdown, flags=re.S)):
+        match = CITED_NAME.fullmatch(span)
+        if not match or FILE_NAME.fullmatch(span):
+            continue  # a command, a flag, code, math, a file: not a name
+        path, family, call = match.groups()
+        if family:
+            found = any(name.startswith(path) for name in dir(lgrpo))
+        elif lgrpo_has(path) and call:
+            function = functools.reduce(getattr, path.split("."), lgrpo)
+            found = all(keyword in inspect.signature(function).parameters
+                        for keyword in re.findall(r"(\w+)=", call))
+        elif lgrpo_has(path):
+            found = True
+        else:  # a parameter, an option or a key: a plain name, never `lgrpo.x`
+            found = not call and path in words and path == span
+        if not found:
+            missing.append(span)
+    return missing
+
+
+def test_the_name_check_catches_a_name_lgrpo_lacks():
+    prose = ("`build_trie` and `lgrpo.FIGURE1_STEPS`, `TrieNode.members`, `FIGURE1_*`, "
+             "`policy_loss(..., weights=None)` with `weights`, `flat_frac`, `prompts_per_step`; "
+             "never `_shared_prefix_lengths`, `lgrpo.weights`, `policy_loss(..., weight=None)`, "
+             "`TrieNode.size2` or `FIGURE9_*`. Not names: `lgrpo.py`, `--loss lambda`, `J K L`, "
+             "`python lgrpo.py train`, `[B, T]`.\n```bash\n`_inside_a_block`\n```")
+    assert missing_names(prose) == ["_shared_prefix_lengths", "lgrpo.weights",
+                                    "policy_loss(..., weight=None)", "TrieNode.size2",
+                                    "FIGURE9_*"]
+
+
+def test_every_name_the_tutorial_and_the_readme_cite_exists_in_lgrpo():
+    """Every name in a code span of the tutorial's markdown and of the README's table "From the
+    paper to the code" exists in lgrpo, so that a renamed function cannot leave the prose behind.
+
+    A span cites a name when it is a dotted identifier, optionally `lgrpo.`-prefixed, optionally a
+    family (`FIGURE1_*`) or a call (`policy_loss(..., weights=None)`). Spans with spaces or other
+    signs (commands, flags, code, math, `J K L`) and file names (`lgrpo.py`) cite none. A name
+    exists when lgrpo has it as an attribute (dotted: `TrieNode.reward`, a dataclass field
+    counts), a family when some attribute starts with it, a call's keywords when the function has
+    those parameters. A plain name that is no attribute may still be a parameter of an lgrpo
+    function (`weights`), a command-line option (`prompts_per_step`) or a key lgrpo writes
+    (`flat_frac`): any of those counts.
+    """
+    notebook = stored_tutorial()
+    missing = {f"tutorial.ipynb, markdown cell {i}": missing_names(cell.source)
+               for i, cell in enumerate(notebook.cells) if cell.cell_type == "markdown"}
+    readme = (REPO_DIR / "README.md").read_text(encoding="utf-8")
+    section = re.search(r"^#+ From the paper to the code\n(.*?)(?=^#|\Z)", readme, re.M | re.S)
+    assert section, ("README.md has no section 'From the paper to the code': its table maps "
+                     "the paper to lgrpo's names, and this test checks those names")
+    table = "\n".join(line for line in section[1].splitlines() if line.startswith("|"))
+    assert table.count("`") >= 20, "README.md's table 'From the paper to the code' lists no names"
+    missing["README.md, 'From the paper to the code'"] = missing_names(table)
+    missing = {where: names for where, names in missing.items() if names}
+    assert not missing, f"names that lgrpo does not have: {missing}"
 
 
 if __name__ == "__main__":  # a worker process of section 8's tests
