@@ -176,10 +176,17 @@ def write_zero_reward(workdir):
     return "bench_zero_reward:zero_reward"
 
 
+# Torch threads of a training run on the CPU. With more, every tensor operation waits for all of
+# them, and on cores shared with other work that wait swamps a small model's step (table 1 shows
+# it): one thread per process compares the work the trainers do, not how busy the machine is.
+WORKER_THREADS = 1
+
+
 def quiet_worker(log, workdir):
     """A worker's set-up: everything it prints (TRL's dict of metrics after each run, progress
     bars, warnings) goes to `log`, not between the tables; `workdir` holds the reward's module."""
     sys.path.insert(0, workdir)
+    torch.set_num_threads(WORKER_THREADS)
     with open(log, "a") as f:
         os.dup2(f.fileno(), 1)
         os.dup2(f.fileno(), 2)
@@ -197,7 +204,7 @@ class Worker:
     def __call__(self, fn, **kwargs):
         try:
             return self.pool.submit(fn, **kwargs).result()
-        except BaseException:
+        except Exception:
             if os.path.exists(self.log):
                 with open(self.log) as f:
                     tail = "".join(f.readlines()[-20:])
@@ -296,9 +303,11 @@ def bench_train_step(args, device, workdir, worker, reward):
     groups = [bench_group(G, new_tokens, generator) for _ in range(prompts)]
     ids = torch.cat([ids for ids, _ in groups]).to(device)
     mask = torch.cat([mask for _, mask in groups]).to(device)
-    lgrpo.lambda_weights(ids, mask, G)  # warm-up
-    weights_ms = timed_ms(lambda: lgrpo.lambda_weights(ids, mask, G), device, 20)
-    return {"device": device_name(device), "model": model_type, "group_size": G,
+    with torch_threads(WORKER_THREADS):  # as in the steps
+        lgrpo.lambda_weights(ids, mask, G)  # warm-up
+        weights_ms = timed_ms(lambda: lgrpo.lambda_weights(ids, mask, G), device, 20)
+        name = device_name(device)
+    return {"device": name, "model": model_type, "group_size": G,
             "prompts": prompts, "new_tokens": new_tokens, "measured_steps": len(ratios),
             "rows": rows,
             "lambda_over_grpo": {"median": statistics.median(ratios), "min": min(ratios),
@@ -490,6 +499,7 @@ TRL_MODELS = {"2x32": {},
               "4x128": dict(hidden_size=128, intermediate_size=512, num_hidden_layers=4,
                             num_attention_heads=4, num_key_value_heads=2)}
 # (trainer, loss, TRL's gradient checkpointing); each TRL run is paired with lgrpo's of its loss.
+PHASES = ("gen", "score", "update", "step")
 TRL_RUNS = [("lgrpo train", "grpo", None), ("GRPOTrainer", "grpo", False),
             ("GRPOTrainer", "grpo", True), ("lgrpo train", "lambda", None),
             ("LambdaGRPOTrainer", "lambda", False), ("LambdaGRPOTrainer", "lambda", True)]
@@ -570,8 +580,8 @@ def math_verify_step_ms(model, tokenizer, enc, references, group_size, new_token
     times = []
     for _ in range(repeats):
         ids = lgrpo.sample_completions(model, enc["input_ids"], enc["attention_mask"], group_size,
-                                       pad_token_id=tokenizer.pad_token_id, temperature=0.75,
-                                       max_new_tokens=new_tokens)
+                                       pad_token_id=tokenizer.pad_token_id, do_sample=True,
+                                       temperature=0.75, max_new_tokens=new_tokens)
         texts = tokenizer.batch_decode(ids, skip_special_tokens=True)
         start = time.perf_counter()
         lgrpo.math_rewards(texts, references)
@@ -582,7 +592,7 @@ def math_verify_step_ms(model, tokenizer, enc, references, group_size, new_token
 def bench_trl(args, device, workdir, workers, reward):
     """Seconds per step and per phase: `lgrpo.py train` (GRPO, λ-GRPO) against TRL's GRPOTrainer
     and LambdaGRPOTrainer, TRL's gradient checkpointing off and on (its default), at each size
-    of TRL_MODELS; and Math-Verify's cost per step, timed alone.
+    of TRL_MODELS (--quick: the first); and Math-Verify's cost per step, timed alone.
 
     The same float32 Llama, prompts, reward (zero) and settings for all: G = 8, 4 prompts, EOS
     suppressed (every completion full length), β = 0.04, temperature 0.75, micro-batches of 4
@@ -597,10 +607,13 @@ def bench_trl(args, device, workdir, workers, reward):
     G, prompts = 8, 4
     new_tokens = 16 if args.quick else 64
     rounds, steps = (1, 2) if args.quick else (args.rounds, args.trl_steps)  # step 1 warms up
-    result = {"device": device_name(device), "group_size": G, "prompts": prompts,
+    with torch_threads(WORKER_THREADS):
+        name = device_name(device)
+    result = {"device": name, "group_size": G, "prompts": prompts,
               "new_tokens": new_tokens, "rounds": rounds, "measured_steps": rounds * (steps - 1),
-              "rows": [], "math_verify": []}
-    for size, config in TRL_MODELS.items():
+              "rows": [], "ratios": [], "math_verify": []}
+    models = list(TRL_MODELS.items())
+    for size, config in models[:1] if args.quick else models:
         model = lgrpo.tiny_llama(tokenizer, max_positions=512, **config)
         params = sum(p.numel() for p in model.parameters())
         folder = os.path.join(workdir, f"trl-{size}")
@@ -635,19 +648,25 @@ def bench_trl(args, device, workdir, workers, reward):
                 measured[run].append(phases[1:])  # the first step warms up
         for (trainer, loss, checkpointing), by_round in measured.items():
             flat = [s for steps_of_round in by_round for s in steps_of_round]
-            row = {"model": size, "params": params, "run": trainer, "loss": loss,
+            run = {"run": trainer, "loss": loss,
                    "trl_checkpointing": "-" if checkpointing is None else
                    "on" if checkpointing else "off"}
-            for phase in ("gen", "score", "update", "step"):
+            row = {"model": size, "params": params, **run}
+            for phase in PHASES:
                 row[f"{phase}_s"] = statistics.median(s[phase] for s in flat)
-            row["lgrpo_over_this"] = row["q1"] = row["q3"] = None
-            if checkpointing is not None:
-                ours = measured["lgrpo train", loss, None]
-                ratios = [a["step"] / b["step"] for ra, rb in zip(ours, by_round, strict=True)
-                          for a, b in zip(ra, rb, strict=True)]
-                row["lgrpo_over_this"] = statistics.median(ratios)
-                row["q1"], row["q3"] = quartiles(ratios)
             result["rows"].append(row)
+            if checkpointing is None:
+                continue
+            # lgrpo over TRL, step k against step k of the same round: minutes apart at most.
+            ours = measured["lgrpo train", loss, None]
+            pairs = [(a, b) for ra, rb in zip(ours, by_round, strict=True)
+                     for a, b in zip(ra, rb, strict=True)]
+            ratio = {"model": size, **run}
+            for phase in PHASES:
+                ratio[phase] = statistics.median(a[phase] / b[phase] for a, b in pairs)
+            step_ratios = [a["step"] / b["step"] for a, b in pairs]
+            ratio["step_q1"], ratio["step_q3"] = quartiles(step_ratios)
+            result["ratios"].append(ratio)
         references = [p["answer"] for p in problems for _ in range(G)]
         verify_ms = math_verify_step_ms(model, tokenizer, enc, references, group_size=G,
                                         new_tokens=new_tokens, repeats=2 if args.quick else 10)
@@ -711,8 +730,8 @@ def build_parser():
                                 "of docs/benchmark.md).")
     p.add_argument("--quick", action="store_true",
                    help="smallest configuration only (G=8, T=512; 2 steps, 16 new tokens; vocab "
-                        "4096, T=128; one round against TRL): the test suite's smoke test, under "
-                        "a minute on 2 CPU cores")
+                        "4096, T=128; one round against TRL, the tiny model only): the test "
+                        "suite's smoke test, under a minute on 2 CPU cores")
     warm_up = " (the first step is warm-up and is not reported)"
     p.add_argument("--steps", type=at_least(2, warm_up), default=20,
                    help="table 2: training steps per run, 2 runs per loss; the first is warm-up "
@@ -812,9 +831,11 @@ def trl_table(args, device, result, workdir, workers, reward):
     print("\n" + format_table(
         f"5. Training step in s, lgrpo against TRL, the same zero reward, random-init Llama "
         f"float32, G={step['group_size']}, {step['prompts']} prompts, {step['new_tokens']} new "
-        f"tokens, β=0.04; medians of {step['measured_steps']} steps, lgrpo_over_this: median "
-        f"and quartiles (q1, q3) of paired steps ({step['rounds']} rounds of interleaved runs, "
-        f"{step['device']}; load average {before} → {after})", step["rows"]))
+        f"tokens, β=0.04; medians of {step['measured_steps']} steps in {step['rounds']} rounds of "
+        f"interleaved runs ({step['device']}; load average {before} → {after})", step["rows"]))
+    print(format_table("   lgrpo train / this trainer (the same loss), medians of paired steps, "
+                       "below 1: lgrpo faster; step_q1, step_q3: quartiles of the step's ratio",
+                       step["ratios"]))
     for cost in step["math_verify"]:
         print(f"   Math-Verify, lgrpo's default reward, timed alone on a step's "
               f"{cost['completions']} completions of the {cost['model']} model (no answer can "

@@ -1439,10 +1439,10 @@ def load_problems(args):
         builder = DATA_FORMATS.get(os.path.splitext(args.dataset)[1].lower())
         try:
             data = datasets.load_dataset(builder, data_files=args.dataset)
-        except (datasets.exceptions.DatasetGenerationError, ValueError) as error:
-            cause = error.__cause__ or error
+        except (datasets.exceptions.DatasetGenerationError, ValueError, StopIteration) as error:
+            cause = str(error.__cause__ or error).strip() or "it holds no rows"
             raise InputError(f"--dataset {args.dataset}: cannot read it as {builder} "
-                             f"({str(cause).strip().splitlines()[-1]}).") from None
+                             f"({cause.splitlines()[-1]}).") from None
     else:
         data = from_hub("--dataset", datasets.load_dataset, args.dataset, args.dataset_config)
     for flag, split in (("--train-split", args.train_split), ("--eval-split", args.eval_split)):
@@ -1524,10 +1524,10 @@ def check_prompt_lengths(args, problems):
     lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=plain)["input_ids"]]
     longest = max(lengths)
     if longest + args.max_new_tokens > limit:
-        where = shorten(problems[lengths.index(longest)][0])
-        raise InputError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt, {where}, "
-                         f"is {longest} tokens and {args.model} has {limit} positions: lower "
-                         f"--max-new-tokens to {max(0, limit - longest)} or shorten the prompts.")
+        fix = f"lower --max-new-tokens to {limit - longest} or" if longest < limit else "and"
+        raise InputError(f"--max-new-tokens {args.max_new_tokens}: the longest prompt, "
+                         f"{shorten(problems[lengths.index(longest)][0])}, is {longest} tokens "
+                         f"and {args.model} has {limit} positions: {fix} shorten the prompts.")
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -1579,8 +1579,9 @@ def prepare_run_folder(args):
                    if re.fullmatch(r"checkpoint-\d+", n))
     if not args.resume:
         if steps or os.path.exists(metrics):
-            raise InputError(f"--output-dir {out} holds an earlier run: pass --resume to continue "
-                             "it, or choose another --output-dir (nothing was overwritten).")
+            fix = "pass --resume to continue it" if steps else f"delete {metrics} to start over"
+            raise InputError(f"--output-dir {out} holds an earlier run: {fix}, or choose another "
+                             "--output-dir (nothing was overwritten).")
         return None
     for step in reversed(steps):  # the newest checkpoint with weights and a readable state
         path = os.path.join(out, f"checkpoint-{step}")
@@ -1687,10 +1688,11 @@ def warn(message):
 
 
 def quiet_libraries():
-    """No progress bars of the hub libraries inside train's own."""
+    """No progress bars of the hub libraries inside train's own, no second error line."""
     import datasets
     import transformers
     datasets.disable_progress_bars()
+    datasets.utils.logging.set_verbosity(datasets.logging.CRITICAL)  # errors: lgrpo's one line
     transformers.utils.logging.disable_progress_bar()
 
 
@@ -1913,6 +1915,12 @@ def output_file(text):
     return text
 
 
+def reward_flag(text):
+    if not re.fullmatch(r"[\w.]+:\w+", text):
+        raise argparse.ArgumentTypeError(f"{text}: write it as module:function")
+    return text
+
+
 def device_flag(text):
     if text != "auto":
         try:
@@ -1973,7 +1981,7 @@ def add_train_parser(sub):
     arg("--prompt-field", help="question column (default: question, problem or prompt)")
     arg("--answer-field", help="answer column (default: answer or solution)")
     arg("--system-prompt", default=SYSTEM_PROMPT, help="system prompt (the authors')")
-    arg("--reward", help="module:function, f(completion_text, reference) -> float (default: "
+    arg("--reward", type=reward_flag, help="module:function, f(completion_text, reference) -> float (default: "
                          "math_reward, the final answer checked by Math-Verify)")
     arg("--loss", default="lambda", choices=["lambda", "grpo"], help="λ-GRPO or GRPO")
     arg("--aggregation", default="token", choices=["token", "sequence"],
