@@ -589,6 +589,33 @@ def math_verify_step_ms(model, tokenizer, enc, references, group_size, new_token
     return statistics.median(times)
 
 
+def summarize_runs(size, params, measured):
+    """Table 5's rows, medians of each run's phases, and its ratios, lgrpo over each TRL run
+    step by step: step k against step k of lgrpo's run of the same loss in the same round.
+
+    `measured`: {TRL_RUNS entry: [[phases of each measured step] for each round]}."""
+    rows, ratios = [], []
+    for (trainer, loss, checkpointing), by_round in measured.items():
+        run = {"run": trainer, "loss": loss,
+               "trl_checkpointing": "-" if checkpointing is None else
+               "on" if checkpointing else "off"}
+        steps = [s for steps_of_round in by_round for s in steps_of_round]
+        rows.append({"model": size, "params": params, **run,
+                     **{f"{phase}_s": statistics.median(s[phase] for s in steps)
+                        for phase in PHASES}})
+        if checkpointing is None:
+            continue
+        ours = measured["lgrpo train", loss, None]
+        pairs = [(a, b) for ra, rb in zip(ours, by_round, strict=True)
+                 for a, b in zip(ra, rb, strict=True)]
+        ratio = {"model": size, **run}
+        for phase in PHASES:
+            ratio[phase] = statistics.median(a[phase] / b[phase] for a, b in pairs)
+        ratio["step_q1"], ratio["step_q3"] = quartiles([a["step"] / b["step"] for a, b in pairs])
+        ratios.append(ratio)
+    return rows, ratios
+
+
 def bench_trl(args, device, workdir, workers, reward):
     """Seconds per step and per phase: `lgrpo.py train` (GRPO, λ-GRPO) against TRL's GRPOTrainer
     and LambdaGRPOTrainer, TRL's gradient checkpointing off and on (its default), at each size
@@ -598,8 +625,7 @@ def bench_trl(args, device, workdir, workers, reward):
     suppressed (every completion full length), β = 0.04, temperature 0.75, micro-batches of 4
     (TRL: 4 rows per device, 8 accumulation steps, one generation per step), lr 1e-6. lgrpo and
     TRL each run in a process of their own, one run at a time, interleaved: in every round each
-    of TRL_RUNS runs once, in one order and in the next round back. Step k of a TRL run is paired
-    with step k of lgrpo's run of the same loss in the same round.
+    of TRL_RUNS runs once, in one order and in the next round back (a drift over time cancels).
     """
     load_before = load_average()
     tokenizer = lgrpo.char_tokenizer()
@@ -646,27 +672,9 @@ def bench_trl(args, device, workdir, workers, reward):
                         references=[p["answer"] for p in problems], out=out, trainer=trainer,
                         reward=reward, settings=settings)
                 measured[run].append(phases[1:])  # the first step warms up
-        for (trainer, loss, checkpointing), by_round in measured.items():
-            flat = [s for steps_of_round in by_round for s in steps_of_round]
-            run = {"run": trainer, "loss": loss,
-                   "trl_checkpointing": "-" if checkpointing is None else
-                   "on" if checkpointing else "off"}
-            row = {"model": size, "params": params, **run}
-            for phase in PHASES:
-                row[f"{phase}_s"] = statistics.median(s[phase] for s in flat)
-            result["rows"].append(row)
-            if checkpointing is None:
-                continue
-            # lgrpo over TRL, step k against step k of the same round: minutes apart at most.
-            ours = measured["lgrpo train", loss, None]
-            pairs = [(a, b) for ra, rb in zip(ours, by_round, strict=True)
-                     for a, b in zip(ra, rb, strict=True)]
-            ratio = {"model": size, **run}
-            for phase in PHASES:
-                ratio[phase] = statistics.median(a[phase] / b[phase] for a, b in pairs)
-            step_ratios = [a["step"] / b["step"] for a, b in pairs]
-            ratio["step_q1"], ratio["step_q3"] = quartiles(step_ratios)
-            result["ratios"].append(ratio)
+        rows, ratios = summarize_runs(size, params, measured)
+        result["rows"] += rows
+        result["ratios"] += ratios
         references = [p["answer"] for p in problems for _ in range(G)]
         verify_ms = math_verify_step_ms(model, tokenizer, enc, references, group_size=G,
                                         new_tokens=new_tokens, repeats=2 if args.quick else 10)

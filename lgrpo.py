@@ -52,15 +52,16 @@ class InputError(ValueError):
 
 @torch.no_grad()
 def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=None,
-                       pad_token_id=0, **generate_kwargs):
+                       pad_token_id=0, do_sample=True, **generate_kwargs):
     """G = `group_size` completions from π_old for every (left-padded) prompt: [P·G, T] tokens,
     right-padded; rows g·G … g·G+G−1 are prompt g's group. `batch_size` bounds the rows of one
-    `generate` call."""
+    `generate` call; `do_sample=False` decodes greedily."""
     ids = prompt_ids.repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
     step = batch_size or ids.shape[0]
     chunks = [model.generate(input_ids=ids[s:s + step], attention_mask=mask[s:s + step],
-                             pad_token_id=pad_token_id, **generate_kwargs)[:, ids.shape[1]:]
+                             pad_token_id=pad_token_id, do_sample=do_sample,
+                             **generate_kwargs)[:, ids.shape[1]:]
               for s in range(0, ids.shape[0], step)]
     width = max(c.shape[1] for c in chunks)
     return torch.cat([F.pad(c, (0, width - c.shape[1]), value=pad_token_id) for c in chunks])
@@ -401,14 +402,15 @@ def trie_steps(root):
         yield from trie_steps(child)
 
 
-def format_trie(root, depth=0):
-    """The trie as an indented tree, one step per line, like the paper's Figure 1."""
+def format_trie(root, show=str, depth=0):
+    """The trie as an indented tree, one step per line, like the paper's Figure 1; `show` turns
+    a token into text."""
     lines = []
     for child in root.children:
-        label = " ".join(map(str, child.tokens))
+        label = " ".join(map(show, child.tokens))
         lines.append(f"{'    ' * depth}{label:<12}  |λ|={child.size}  R̂={child.reward:.4f}  "
                      f"A={child.advantage:+.4f}  members={child.members}")
-        lines += [line for line in [format_trie(child, depth + 1)] if line]
+        lines += [line for line in [format_trie(child, show, depth + 1)] if line]
     return "\n".join(lines)
 
 
@@ -671,7 +673,7 @@ def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=
         frequency, counts = [], []
         for _ in range(steps):
             paths = sample_completions(model, prompt, torch.ones_like(prompt), group_size,
-                                       do_sample=True, max_new_tokens=TOY_DEPTH,
+                                       max_new_tokens=TOY_DEPTH,
                                        eos_token_id=None, temperature=temperature, top_k=0,
                                        top_p=1.0, logits_processor=[AllowTokens(actions)])
             mask = torch.ones_like(paths)

@@ -2306,6 +2306,423 @@ def test_importing_lgrpo_never_needs_trl():
     assert proc.returncode == 0 and "pip install 'trl" in proc.stdout, proc.stderr[-3000:]
 
 
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+# 8b. The authors' trainer side by side (docs/authors.md)
+# ────────────────────────────────────────────────────────────────────────────────────────────────
+#
+# Their LambdaGRPOTrainer.__call__ (github.com/coli-saar/grpo-prm, commit 6bc58b1) runs as
+# published: its _sample, its loss-scale loop and its _step. Only four things are replaced, so
+# that both sides see the same tokens: model.generate (it returns the fixed batch below), the chat
+# template (the question as it is), the reward (the fixed rewards, in order) and the optimizer
+# (it records each gradient, then takes a plain SGD step). Everything is float64, the tiny
+# Llama's RMSNorm and RoPE included. The gradient gap is max |∇_theirs − ∇_lgrpo| / max |∇_lgrpo|
+# over all parameters and all updates.
+#
+# Their code is fetched, never copied here: the tests run when LGRPO_AUTHORS_REPO points at a
+# checkout of their repository and skip, saying how to get one, when it does not.
+
+AUTHORS_COMMIT = "6bc58b1"
+
+
+AUTHORS_PROMPTS = ("What is 2+2?", "Say hi:", "abc")
+
+
+# One group per prompt, (completion, reward). A completion of AUTHORS_MAX_NEW characters was cut
+# off there (truncated: no EOS); every other one ends with EOS.
+AUTHORS_GROUPS = (
+    # the paper's Figure 1, with its rewards
+    (("ABCD", 0.5), ("ABEFHI", 0.5), ("JKLM", 1.0), ("JKLNQST", 0.0), ("JKLNQU", 0.0),
+     ("VWYZ", 0.5)),
+    # all rewards equal: every advantage is 0, only the KL term pushes; one row truncated
+    (("hi", 1.0), ("hello", 1.0), ("hey you", 1.0), ("hi", 1.0), ("h", 1.0),
+     ("hello worl", 1.0)),
+    # a duplicate, a completion that is a prefix of another (before its EOS), two truncated rows
+    (("abcde", 1.0), ("abcde", 1.0), ("abc", 0.0), ("abcdefghij", 0.0), ("abxyz", 1.0),
+     ("9876543210", 0.0)),
+)
+
+
+AUTHORS_MAX_NEW = 10
+
+
+AUTHORS_G = 6
+
+
+AUTHORS_LR = 0.5  # the SGD step between the two updates of μ = 2; large enough to clip
+
+
+AUTHORS_TOL = 1e-9
+
+
+@pytest.fixture(scope="module")
+def authors_trainer():
+    """Their trainer module (LambdaGRPOTrainer, and the `random` its shuffle draws from)."""
+    repo = os.environ.get("LGRPO_AUTHORS_REPO")
+    if not repo:
+        pytest.skip("the comparison with the authors' trainer needs their code: git clone "
+                    "https://github.com/coli-saar/grpo-prm && git -C grpo-prm checkout "
+                    f"{AUTHORS_COMMIT}, then LGRPO_AUTHORS_REPO=$PWD/grpo-prm python -m pytest "
+                    "-s test_lgrpo.py -k authors")
+    if not os.path.isfile(os.path.join(repo, "lambda_grpo", "trainer.py")):
+        pytest.fail(f"LGRPO_AUTHORS_REPO={repo} has no lambda_grpo/trainer.py: point it at a "
+                    "checkout of github.com/coli-saar/grpo-prm.")
+    sys.path.insert(0, repo)
+    try:
+        return __import__("lambda_grpo.trainer", fromlist=["LambdaGRPOTrainer"])
+    finally:
+        sys.path.remove(repo)
+
+
+def authors_report(setting, value):
+    """One row of the table that `pytest -s` prints: the setting and its measured value."""
+    print(f"\n  {setting:<74} {value:9.2e}", end="")
+
+
+def authors_tokenizer(pad_is_eos):
+    """The char tokenizer, left-padded as in their train.py, with a chat template that returns
+    the question as it is. Pad is <unk> (never in the batch), or EOS: their train.py's fallback
+    for a tokenizer without a pad token."""
+    tokenizer = lgrpo.char_tokenizer()
+    tokenizer.padding_side = "left"
+    tokenizer.pad_token = tokenizer.eos_token if pad_is_eos else tokenizer.unk_token
+    tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    return tokenizer
+
+
+def authors_batch(tokenizer):
+    """The fixed batch in lgrpo's layout: left-padded prompts, right-padded completions."""
+    eos = tokenizer.eos_token_id
+    rows = [tokenizer(text, add_special_tokens=False)["input_ids"]
+            + ([] if len(text) == AUTHORS_MAX_NEW else [eos])
+            for group in AUTHORS_GROUPS for text, _ in group]
+    completion_ids, _ = lgrpo.pad_completions(rows, pad_id=tokenizer.pad_token_id)
+    mask, truncated = lgrpo.completion_mask(completion_ids, {eos})
+    assert truncated.sum() == 3 and completion_ids.shape[1] == AUTHORS_MAX_NEW
+    prompts = tokenizer(list(AUTHORS_PROMPTS), padding=True, return_tensors="pt")
+    prompt_ids = prompts["input_ids"].repeat_interleave(AUTHORS_G, 0)
+    prompt_mask = prompts["attention_mask"].repeat_interleave(AUTHORS_G, 0)
+    rewards = torch.tensor([r for group in AUTHORS_GROUPS for _, r in group],
+                           dtype=torch.float64)
+    return {"completion_ids": completion_ids, "mask": mask, "rewards": rewards,
+            "input_ids": torch.cat([prompt_ids, completion_ids], 1),
+            "attention_mask": torch.cat([prompt_mask, mask], 1),
+            "completion_start": prompt_ids.shape[1]}
+
+
+def authors_float64(model):
+    """The tiny Llama in float64 throughout. HF's Llama computes RMSNorm and the RoPE angles in
+    float32 whatever the model's dtype: that would put float32 rounding (~1e-8) between two
+    computations that batch and pad the rows differently, where float64 leaves ~1e-15."""
+    model.double()
+    norms = [m for m in model.modules() if type(m).__name__ == "LlamaRMSNorm"]
+    assert len(norms) == 2 * model.config.num_hidden_layers + 1
+    for norm in norms:
+        norm.forward = authors_rms_norm(norm)
+    rope = model.model.rotary_emb
+
+    def rope_angles(x, position_ids):
+        angles = position_ids[..., None].double() * rope.inv_freq.double()
+        angles = torch.cat([angles, angles], -1)
+        return angles.cos() * rope.attention_scaling, angles.sin() * rope.attention_scaling
+
+    rope.forward = rope_angles
+    return model
+
+
+def authors_rms_norm(norm):
+    """RMSNorm in the input's dtype: h / sqrt(mean(h²) + ε) · weight."""
+    def forward(h):
+        scale = torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + norm.variance_epsilon)
+        return norm.weight * h * scale
+    return forward
+
+
+def authors_models(tokenizer):
+    """(policy, frozen reference): two tiny Llamas in float64, the same on both sides."""
+    reference = authors_float64(lgrpo.tiny_llama(tokenizer, seed=1)).eval().requires_grad_(False)
+    return authors_float64(lgrpo.tiny_llama(tokenizer, seed=0)), reference
+
+
+class authors_Model(torch.nn.Module):
+    """What their trainer is handed as a model. `generate` returns the prompts it is given
+    followed by the next rows of the fixed batch; with `fix_mask`, the mask their forward pass
+    passes as `attention_masks=` (a keyword the model ignores) reaches it as `attention_mask`."""
+
+    def __init__(self, model, completion_ids, fix_mask):
+        super().__init__()
+        self.model, self.completion_ids, self.fix_mask, self.next_row = (
+            model, completion_ids, fix_mask, 0)
+
+    def forward(self, **inputs):
+        if self.fix_mask:
+            inputs["attention_mask"] = inputs.pop("attention_masks")
+        return self.model(**inputs)
+
+    def generate(self, input_ids, **generation_kwargs):
+        rows = self.completion_ids[self.next_row:self.next_row + input_ids.shape[0]]
+        self.next_row += input_ids.shape[0]
+        return torch.cat([input_ids, rows], 1)
+
+
+class authors_SGD:
+    """The optimizer on both sides: records each step's gradient, then steps p ← p − lr·∇, so
+    that the second update of μ = 2 sees a moved policy (ratios away from 1, clipping)."""
+
+    def __init__(self, params):
+        self.params, self.grads = list(params), []
+
+    def step(self):
+        self.grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone()
+                           for p in self.params])
+        with torch.no_grad():
+            for p, g in zip(self.params, self.grads[-1]):
+                p -= AUTHORS_LR * g
+
+    def zero_grad(self, set_to_none=True):
+        for p in self.params:
+            p.grad = None
+
+
+def authors_run(authors_trainer, *, loss_type, micro_batch, fix_mask=True, pad_is_eos=False,
+                lam=True, beta=0.0, mu=1, shuffle_seed=0):
+    """Their trainer's gradients (one list per update) and the arguments its _sample and its
+    loss-scale loop handed to _step."""
+    tokenizer = authors_tokenizer(pad_is_eos)
+    batch = authors_batch(tokenizer)
+    policy, reference = authors_models(tokenizer)
+    optimizer = authors_SGD(policy.parameters())
+    rewards = iter(batch["rewards"].tolist())
+    trainer = authors_trainer.LambdaGRPOTrainer(
+        authors_Model(policy, batch["completion_ids"], fix_mask), tokenizer, optimizer,
+        reward_function=lambda ids, target: torch.tensor([next(rewards)], dtype=torch.float64),
+        ref_model=authors_Model(reference, None, fix_mask) if beta else None,
+        group_size=AUTHORS_G, generation_batch_size=AUTHORS_G, beta=beta,
+        grad_acc_batch_size=micro_batch, batch_steps=mu, loss_scale=lam, loss_type=loss_type,
+        device="cpu")
+    seen, step = [], trainer._step
+
+    def recorded_step(*args, **kwargs):  # what _sample and the loss-scale loop handed over
+        seen.append(args)
+        return step(*args, **kwargs)
+
+    trainer._step = recorded_step
+    dtype, state = torch.get_default_dtype(), authors_trainer.random.getstate()
+    torch.set_default_dtype(torch.float64)  # their advantages and loss scales take this dtype
+    try:
+        authors_trainer.random.seed(shuffle_seed)  # their _step shuffles the rows
+        trainer(list(AUTHORS_PROMPTS), use_tqdm=False)
+    finally:
+        torch.set_default_dtype(dtype)
+        authors_trainer.random.setstate(state)
+    assert len(optimizer.grads) == mu
+    names = ("use_tqdm", "indices", "advantages", "loss_scales", "input_ids", "attention_masks",
+             "ref_logits", "n_logits")
+    return optimizer.grads, dict(zip(names, seen[0]))
+
+
+def authors_lgrpo(*, aggregation, lam=True, beta=0.0, mu=1, temperature=1.0, pad_is_eos=False,
+                  eos_in_mask=True):
+    """lgrpo's grpo_update on the same batch, models and optimizer (micro-batches of 4, no
+    gradient clipping): the gradients, one list per update, and its statistics."""
+    tokenizer = authors_tokenizer(pad_is_eos)
+    b = authors_batch(tokenizer)
+    policy, reference = authors_models(tokenizer)
+    mask = b["mask"]
+    if not eos_in_mask:
+        mask = mask * (b["completion_ids"] != tokenizer.eos_token_id)
+
+    def score(model):
+        return lgrpo.token_logprobs(model, b["input_ids"], b["attention_mask"],
+                                    completion_start=b["completion_start"],
+                                    temperature=temperature)
+
+    with torch.no_grad():
+        old, ref = score(policy) if mu > 1 else None, score(reference) if beta else None
+    optimizer = authors_SGD(policy.parameters())
+    stats = lgrpo.grpo_update(
+        policy, optimizer, input_ids=b["input_ids"], attention_mask=b["attention_mask"],
+        completion_start=b["completion_start"], completion_mask=mask,
+        advantages=lgrpo.group_advantages(b["rewards"], AUTHORS_G),
+        weights=lgrpo.lambda_weights(b["completion_ids"], mask, AUTHORS_G, dtype=torch.float64)
+        if lam else None,
+        old_logp=old, ref_logp=ref, updates_per_batch=mu, micro_batch_size=4, beta=beta,
+        aggregation=aggregation, max_grad_norm=float("inf"), temperature=temperature)
+    return optimizer.grads, stats
+
+
+def authors_normalizer_grads(*, lam, step_advantages=False):
+    """The gradients (μ = 1, β 0, temperature 1) of lgrpo's `token` loss, whose normalizer is the
+    batch's token count, and of the mean over groups of each group's L(G)."""
+    tokenizer = authors_tokenizer(pad_is_eos=False)
+    b = authors_batch(tokenizer)
+    policy, _ = authors_models(tokenizer)
+    ids, mask = b["completion_ids"], b["mask"]
+    if step_advantages:  # the PRM of Theorem 1
+        advantages = lgrpo.step_advantages(ids, mask, b["rewards"], AUTHORS_G)
+    else:
+        advantages = lgrpo.group_advantages(b["rewards"], AUTHORS_G)
+    weights = lgrpo.lambda_weights(ids, mask, AUTHORS_G, dtype=torch.float64) if lam else None
+    logp = lgrpo.token_logprobs(policy, b["input_ids"], b["attention_mask"],
+                                completion_start=b["completion_start"])
+
+    def loss(rows):
+        return lgrpo.policy_loss(logp[rows], logp[rows].detach(), None, advantages[rows],
+                                 mask[rows], weights=None if weights is None else weights[rows])
+
+    groups = [slice(s, s + AUTHORS_G) for s in range(0, ids.shape[0], AUTHORS_G)]
+    losses = {"batch": loss(slice(None)), "groups": torch.stack([loss(g) for g in groups]).mean()}
+    params = list(policy.parameters())
+    return {name: [torch.autograd.grad(value, params, retain_graph=True)]
+            for name, value in losses.items()}
+
+
+def authors_gap(grads, reference):
+    """max |∇ − ∇_reference| / max |∇_reference| over all parameters and all updates."""
+    diff = max((a - b).abs().max() for ga, gb in zip(grads, reference) for a, b in zip(ga, gb))
+    return (diff / max(b.abs().max() for gb in reference for b in gb)).item()
+
+
+def test_authors_loss_scales_are_lambda_weights(authors_trainer):
+    """Their trie, built over prompt + completion, gives lambda_weights on every token, exactly;
+    with pad = eos, lambda_weights with the EOS left out of the mask. Their advantages are
+    group_advantages, and their rows are lgrpo's tokens."""
+    for pad_is_eos in (False, True):
+        _, seen = authors_run(authors_trainer, loss_type="grpo", micro_batch=4,
+                              pad_is_eos=pad_is_eos)
+        tokenizer = authors_tokenizer(pad_is_eos)
+        b = authors_batch(tokenizer)
+        mask = b["mask"] * (b["completion_ids"] != tokenizer.eos_token_id if pad_is_eos else 1)
+        weights = lgrpo.lambda_weights(b["completion_ids"], mask, AUTHORS_G, dtype=torch.float64)
+        advantages = lgrpo.group_advantages(b["rewards"], AUTHORS_G)
+        P = b["completion_start"]
+        scale_gap = adv_gap = 0.0
+        for i, (scales, adv, ids) in enumerate(zip(seen["loss_scales"], seen["advantages"],
+                                                   seen["input_ids"])):
+            n = int(mask[i].sum())
+            prompt = b["input_ids"][i, :P][b["attention_mask"][i, :P].bool()]
+            assert ids.tolist() == prompt.tolist() + b["completion_ids"][i, :n].tolist()
+            assert scales.shape == (1, n) and adv.shape == (1, n)
+            scale_gap = max(scale_gap, (scales[0] - weights[i, :n]).abs().max().item())
+            adv_gap = max(adv_gap, (adv[0] - advantages[i]).abs().max().item())
+        pad = "pad = eos" if pad_is_eos else "pad ≠ eos"
+        authors_report(f"{pad}: their loss scales − lambda_weights, max |Δ|", scale_gap)
+        authors_report(f"{pad}: their advantages − group_advantages, max |Δ|", adv_gap)
+        assert scale_gap == 0 and adv_gap < AUTHORS_TOL
+
+
+def test_authors_grpo_equals_lgrpo_sequence_with_the_mask_fixed(authors_trainer):
+    """With the mask handed to their forward pass, their `grpo` is lgrpo's `sequence` scored at
+    temperature 1: at every micro-batch size, λ on or off, β 0 or 0.04, μ 1 or 2."""
+    settings = [(4, lam, beta, mu) for lam in (True, False) for beta in (0.0, 0.04)
+                for mu in (1, 2)] + [(1, True, 0.04, 2), (18, True, 0.04, 2)]
+    for micro_batch, lam, beta, mu in settings:
+        ours, stats = authors_lgrpo(aggregation="sequence", lam=lam, beta=beta, mu=mu)
+        theirs, _ = authors_run(authors_trainer, loss_type="grpo", micro_batch=micro_batch,
+                                lam=lam, beta=beta, mu=mu)
+        gap = authors_gap(theirs, ours)
+        authors_report(f"mask fixed, grpo vs sequence: micro {micro_batch}, "
+                       f"λ {'on' if lam else 'off'}, β {beta}, μ {mu}", gap)
+        assert gap < AUTHORS_TOL
+        assert mu == 1 or stats["clip_frac"] > 0  # the second update clips: P leaves 1 ± ε
+
+
+def test_authors_attention_masks_keyword_reads_left_pads(authors_trainer):
+    """Their forward pass passes `attention_masks=`: with more than one row per micro-batch the
+    left pads are read as tokens; their reference log-probs (a generation batch, one group) too."""
+    ours, _ = authors_lgrpo(aggregation="sequence")
+    for micro_batch in (1, 4, 18):
+        theirs, _ = authors_run(authors_trainer, loss_type="grpo", micro_batch=micro_batch,
+                                fix_mask=False)
+        gap = authors_gap(theirs, ours)
+        authors_report(f"published mask, grpo vs sequence: micro {micro_batch}, β 0", gap)
+        assert gap < AUTHORS_TOL if micro_batch == 1 else gap > 0.1
+    ours, _ = authors_lgrpo(aggregation="sequence", beta=0.04)
+    theirs, _ = authors_run(authors_trainer, loss_type="grpo", micro_batch=1, fix_mask=False,
+                            beta=0.04)
+    gap = authors_gap(theirs, ours)
+    authors_report("published mask, grpo vs sequence: micro 1, β 0.04 (reference log-probs)", gap)
+    assert gap > 1e-4
+
+
+def test_authors_dapo_divides_by_each_micro_batch(authors_trainer):
+    """Their `dapo` is lgrpo's `token` only when one micro-batch holds the whole batch; with one
+    completion per micro-batch it is `sequence`; in between it depends on the shuffle."""
+    token, _ = authors_lgrpo(aggregation="token")
+    sequence, _ = authors_lgrpo(aggregation="sequence")
+    whole, _ = authors_run(authors_trainer, loss_type="dapo", micro_batch=18)
+    single, _ = authors_run(authors_trainer, loss_type="dapo", micro_batch=1)
+    four = [authors_run(authors_trainer, loss_type="dapo", micro_batch=4, shuffle_seed=seed)[0]
+            for seed in (0, 1)]
+    equal = [("mask fixed, dapo vs token: micro 18", authors_gap(whole, token)),
+             ("mask fixed, dapo vs sequence: micro 1", authors_gap(single, sequence))]
+    different = [("mask fixed, dapo vs token: micro 1", authors_gap(single, token)),
+                 ("mask fixed, dapo vs token: micro 4, shuffle seed 0",
+                  authors_gap(four[0], token)),
+                 ("mask fixed, dapo: micro 4, shuffle seed 1 vs seed 0",
+                  authors_gap(four[1], four[0]))]
+    for setting, gap in equal + different:
+        authors_report(setting, gap)
+    assert all(gap < AUTHORS_TOL for _, gap in equal)
+    assert all(gap > 0.01 for _, gap in different)
+
+
+def test_authors_pad_eos_drops_the_eos(authors_trainer):
+    """pad = eos: their `!= pad_token_id` strips the real EOS from the loss. lgrpo keeps it;
+    lgrpo with the EOS left out of the mask is theirs."""
+    ours, _ = authors_lgrpo(aggregation="sequence", pad_is_eos=True)
+    eos_less, _ = authors_lgrpo(aggregation="sequence", pad_is_eos=True, eos_in_mask=False)
+    for micro_batch in (1, 4, 18):
+        theirs, _ = authors_run(authors_trainer, loss_type="grpo", micro_batch=micro_batch,
+                                pad_is_eos=True)
+        gap, eos_gap = authors_gap(theirs, ours), authors_gap(theirs, eos_less)
+        authors_report(f"mask fixed, pad = eos, grpo vs sequence: micro {micro_batch}", gap)
+        authors_report(f"mask fixed, pad = eos, grpo vs sequence, EOS out of the mask: micro "
+                       f"{micro_batch}", eos_gap)
+        assert gap > 0.1 and eos_gap < AUTHORS_TOL
+
+
+def test_authors_default_command(authors_trainer):
+    """Their default (grpo, λ, micro-batches of 4, β 0, μ 1, shuffled, scored at temperature 1
+    after sampling at 0.75) is lgrpo's `sequence` with lambda_weights scored at temperature 1,
+    once their mask is fixed; lgrpo's own default aggregates by token and scores at 0.75."""
+    closest, _ = authors_lgrpo(aggregation="sequence", temperature=1.0)
+    own, _ = authors_lgrpo(aggregation="token", temperature=0.75)
+    fixed, _ = authors_run(authors_trainer, loss_type="grpo", micro_batch=4)
+    published, _ = authors_run(authors_trainer, loss_type="grpo", micro_batch=4, fix_mask=False)
+    gap = authors_gap(fixed, closest)
+    authors_report("their default, mask fixed, vs lgrpo sequence, temperature 1", gap)
+    assert gap < AUTHORS_TOL
+    different = [
+        ("their default, published, vs lgrpo sequence, temperature 1",
+         authors_gap(published, closest)),
+        ("their default, mask fixed, vs lgrpo's default (token, temperature 0.75)",
+         authors_gap(fixed, own)),
+        ("lgrpo token vs sequence, both at temperature 1",
+         authors_gap(authors_lgrpo(aggregation="token")[0], closest)),
+        ("lgrpo sequence, temperature 0.75 vs 1",
+         authors_gap(authors_lgrpo(aggregation="sequence", temperature=0.75)[0], closest))]
+    for setting, gap in different:
+        authors_report(setting, gap)
+    assert all(gap > 0.01 for _, gap in different)
+
+
+def test_authors_normalizer_across_groups():
+    """lgrpo's `token` divides the batch by its total token count, which weighs groups by their
+    length; the mean over groups of each group's L(G) weighs them equally. Theorem 1 (GRPO =
+    PRM, μ = 1) holds for both: each is a weighted sum of the groups' L(G)."""
+    for lam in (False, True):
+        grads = authors_normalizer_grads(lam=lam)
+        gap = authors_gap(grads["groups"], grads["batch"])
+        authors_report(f"lgrpo token vs mean over groups of L(G), λ {'on' if lam else 'off'}", gap)
+        assert gap > 0.01
+    grpo, prm = authors_normalizer_grads(lam=False), authors_normalizer_grads(
+        lam=False, step_advantages=True)
+    for name in ("batch", "groups"):
+        gap = authors_gap(prm[name], grpo[name])
+        authors_report(f"Theorem 1, normalizer {name}: GRPO vs PRM (step advantages)", gap)
+        assert gap < AUTHORS_TOL
+
+
 # ================================================================================================
 # Appendix A. Answer checking
 # ================================================================================================
@@ -3269,6 +3686,8 @@ VERSION = re.compile(r"\b\d+\.\d+\.\d+[\w.+-]*")  # torch 2.13.0+cpu, transforme
 
 # A duration as the notebook prints it ("in 12 s", "0.3 s", "12.5 ms"): it changes from run to run.
 DURATION = re.compile(r"\d+(?:\.\d+)? ?m?s\b")
+# The notebook's work folder, a new temporary name at every run.
+WORK_DIR = re.compile(r"/\S*lgrpo-tutorial-[\w]+")
 
 
 # A number as printed (1, -0.2214, 1.11e-16), never the digits of a name (FIGURE1_STEPS, x486).
@@ -3288,7 +3707,8 @@ def notebook_text_outputs(nb):
                 text += output.text
             elif output.output_type in ("execute_result", "display_data"):
                 text += output.data.get("text/plain", "") + "\n"
-        texts.append((index, DURATION.sub("<duration>", VERSION.sub("<version>", text))))
+        text = WORK_DIR.sub("<work>", VERSION.sub("<version>", text))
+        texts.append((index, DURATION.sub("<duration>", text)))
     return texts
 
 
@@ -3549,3 +3969,21 @@ def test_every_name_the_tutorial_and_the_readme_cite_exists_in_lgrpo():
 
 if __name__ == "__main__":  # a worker process of section 8's tests
     trl_worker(*sys.argv[1:])
+
+
+def train_commands(markdown):
+    """The `python lgrpo.py train ...` commands of fenced bash blocks, line continuations joined."""
+    blocks = re.findall(r"```bash\n(.*?)```", markdown, flags=re.S)
+    commands = [" ".join(c.split()) for b in blocks for c in b.replace("\\\n", " ").splitlines()
+                if c.strip().startswith("python lgrpo.py train")]
+    return commands
+
+
+def test_the_readme_and_the_tutorial_give_the_same_valid_train_commands():
+    nb = pytest.importorskip("nbformat").read(REPO_DIR / "tutorial.ipynb", as_version=4)
+    tutorial = train_commands("\n".join(c.source for c in nb.cells if c.cell_type == "markdown"))
+    readme = train_commands((REPO_DIR / "README.md").read_text(encoding="utf-8"))
+    assert len(readme) == 2 and sorted(tutorial) == sorted(readme), (tutorial, readme)
+    for command in readme:  # every flag exists and every value passes its check
+        args = lgrpo.build_parser().parse_args(command.split()[2:])
+        assert args.command == "train" and args.model and args.output_dir.startswith("runs/")
