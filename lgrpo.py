@@ -833,7 +833,8 @@ def format_table1(result):
     def reached(loss):
         times = [t for c in cells for t in c[loss]["time_to_target"]]
         mean, never = reach_summary(times)
-        return f"{len(times) - never} of {len(times)}" + (f" (mean step {mean:.1f})" if mean else "")
+        shown = f" (mean step {mean:.1f})" if mean else ""
+        return f"{len(times) - never} of {len(times)}{shown}"
 
     sooner = sum(reaches_sooner(c["lambda"]["time_to_target"], c["grpo"]["time_to_target"])
                  for c in cells)
@@ -1141,6 +1142,26 @@ LAMBDA_GRPO_CITATION = """@inproceedings{sullivan2026grpo,
 }"""
 
 
+# LambdaGRPOTrainer: TRL's GRPOTrainer with the λ-GRPO loss, every completion token's whole term
+# (clipped surrogate and KL) times 1/|λ^(i,t)|, the normalizer left at the token count. The same
+# constructor and GRPOConfig; exact for loss_type="dapo" (TRL's default, eq. (2)'s token-level
+# aggregation) with any β, gradient accumulation, steps_per_generation and num_iterations (μ).
+# Settings that would read the weights as a mask, and vLLM's importance-sampling correction,
+# are refused.
+# - The weights come from the whole generation batch, every process's completions gathered: a
+#   process holds per_device_train_batch_size × steps_per_generation rows, not always a
+#   multiple of num_generations, so a group can straddle two processes.
+# - Rows that drop out: |λ| counts the rows in TRL's loss mask. A truncated completion under
+#   mask_truncated_completions=True has its mask zeroed by TRL before the weights are computed,
+#   so it is in no process set; a completion whose every reward is None stays in the loss (TRL
+#   gives it advantage 0, keeps its KL and its tokens), so it stays a member. Either way the
+#   weights of a step's members in the loss add up to 1: each step counts once.
+# - Private TRL names (trl 1.16): the method `_generate_and_score_completions`, overridden, and
+#   the "tool_mask" entry of its output, which `_compute_loss` multiplies into the per-token
+#   loss mask (dapo's normalizer is counted before, from the completion mask, so TRL's logged
+#   means over that mask are λ-weighted). The model card reads `_name`, `_tag_names`, `_paper`.
+
+
 def lambda_grpo_trainer_class():
     """Build `LambdaGRPOTrainer`, a subclass of trl.GRPOTrainer (needs trl)."""
     try:
@@ -1150,33 +1171,8 @@ def lambda_grpo_trainer_class():
         raise ImportError(message) from None
 
     class LambdaGRPOTrainer(GRPOTrainer):
-        """TRL's GRPOTrainer with the λ-GRPO loss: every completion token's whole per-token term,
-        clipped surrogate and KL alike, multiplied by 1/|λ^(i,t)|, the normalizer left at the
-        token count: L_λ-GRPO = 1/Σ len · Σ_i Σ_t (P_{i,t}·a_i − D_{i,t}) / |λ^(i,t)|.
-
-        The same constructor and GRPOConfig as GRPOTrainer. Exact for loss_type="dapo" (TRL's
-        default, eq. (2)'s token-level aggregation) with any β, gradient accumulation,
-        steps_per_generation and num_iterations (μ); settings that would read the weights as a
-        mask (TRL_EXACT_SETTINGS), and vLLM's importance-sampling correction, are refused.
-
-        The weights come from the whole generation batch, all processes' completions gathered: a
-        process holds per_device_train_batch_size × steps_per_generation rows, not always a
-        multiple of num_generations, so a group can straddle two processes.
-
-        Rows that drop out: |λ| counts the rows in TRL's loss mask, the rows whose tokens the loss
-        sums over. A truncated completion under mask_truncated_completions=True has its mask
-        zeroed by TRL before the weights are computed, so it is in no process set. A completion
-        whose every reward is None stays in the loss (TRL gives it advantage 0 and keeps its KL
-        term and its tokens in the normalizer), so it stays a member. Either way the weights of
-        the members in the loss add up to 1 on every step: each step counts once.
-
-        Private TRL names this relies on (trl 1.16): the method `_generate_and_score_completions`,
-        overridden, and the "tool_mask" entry of its output, which `_compute_loss` multiplies into
-        the per-token loss mask; dapo's normalizer `num_items_in_batch` is counted before, from
-        the completion mask. So TRL's logged means over that mask (kl, entropy, clip ratios) are
-        λ-weighted here. The model card TRL writes with each checkpoint reads `_name`,
-        `_tag_names` and `_paper` from the class.
-        """
+        """TRL's GRPOTrainer with the λ-GRPO loss: every completion token's whole per-token term
+        multiplied by 1/|λ^(i,t)|, the normalizer left at the token count (see above)."""
 
         _name = "λ-GRPO"
         _tag_names = ["trl", "grpo", "lambda-grpo"]
@@ -1189,15 +1185,12 @@ def lambda_grpo_trainer_class():
                 if args is not None and getattr(args, name) != needed:
                     raise InputError(f"LambdaGRPOTrainer is exact only with {name}={needed!r} (got "
                                      f"{getattr(args, name)!r}): {why}.")
-            # TRL's correction (on by default with vLLM) multiplies each completion's surrogate by
-            # its own sampling ratio ρ_i ("sequence_mask": one ratio per whole completion, 0 above
-            # the cap): members of one process set get different factors on their shared prefix.
+            # vLLM's correction multiplies each completion's surrogate by its own sampling ratio:
+            # the members of one process set get different factors on their shared prefix.
             if args is not None and args.use_vllm and args.vllm_importance_sampling_correction:
                 raise InputError("LambdaGRPOTrainer is exact only with "
                                  "vllm_importance_sampling_correction=False when use_vllm=True: "
-                                 "TRL's correction multiplies each completion's terms by its own "
-                                 "sampling ratio, so the members of a process set get different "
-                                 "factors on their shared prefix.")
+                                 "it gives the members of a process set different factors.")
             super().__init__(model, reward_funcs, args, *more, **kwargs)
 
         def _generate_and_score_completions(self, inputs):
@@ -1430,7 +1423,8 @@ def from_hub(flag, load, name, *args, **kwargs):
     except OSError as error:  # what the hub libraries raise for all of these
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{flag} {name}: cannot load it ({reason}). Check the name, the "
-                         "network, and access (a gated repository needs `hf auth login`).") from None
+                         "network, and access (a gated repository needs `hf auth login`)."
+                         ) from None
 
 
 def load_problems(args):
@@ -1983,8 +1977,8 @@ def add_train_parser(sub):
     arg("--prompt-field", help="question column (default: question, problem or prompt)")
     arg("--answer-field", help="answer column (default: answer or solution)")
     arg("--system-prompt", default=SYSTEM_PROMPT, help="system prompt (the authors')")
-    arg("--reward", type=reward_flag, help="module:function, f(completion_text, reference) -> float (default: "
-                         "math_reward, the final answer checked by Math-Verify)")
+    arg("--reward", type=reward_flag, help="module:function, f(completion_text, reference) -> "
+        "float (default: math_reward, the final answer checked by Math-Verify)")
     arg("--loss", default="lambda", choices=["lambda", "grpo"], help="λ-GRPO or GRPO")
     arg("--aggregation", default="token", choices=["token", "sequence"],
         help="token: the sum over tokens / their number (the paper's); sequence: mean of means")
