@@ -865,6 +865,7 @@ def train(args):
     data and the prompts' length checked, before the model is loaded."""
     from tqdm import tqdm
     quiet_libraries()
+    args.score_temperature = args.score_temperature or args.temperature  # the sampling policy's
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     with run_folder(args) as resume_from:
         reward_fn = load_reward(args.reward)
@@ -1817,7 +1818,8 @@ def char_tokenizer():
     tok.post_processor = processors.TemplateProcessing(single="<s> $A",
                                                        special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
-                                   unk_token="<unk>")
+                                   unk_token="<unk>",
+                                   model_input_names=["input_ids", "attention_mask"])
 
 
 def tiny_llama(tokenizer, seed=0, max_positions=256, **config):
@@ -2048,7 +2050,6 @@ def check_flag_combinations(parser, args):
             parser.error("--eval-split and --eval-fraction both name the held-out problems")
         if args.eval_every and not (args.eval_split or args.eval_fraction):
             parser.error("--eval-every needs --eval-split or --eval-fraction")
-        args.score_temperature = args.score_temperature or args.temperature
 
 
 def main(argv=None):
