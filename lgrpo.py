@@ -1246,6 +1246,7 @@ def __getattr__(name):
 # imported on first use only.
 
 BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")  # MATH writes \boxed and, rarely, \fbox
+BRACE = re.compile(r"[{}]")
 
 
 def last_boxed(text):
@@ -1369,8 +1370,8 @@ def boxed_closed(text):
     the string "\\boxed{" (also the box Math-Verify reads)."""
     start = text.find("\\boxed{")
     depth = 1
-    for char in text[start + len("\\boxed{"):] if start >= 0 else "":
-        depth += {"{": 1, "}": -1}.get(char, 0)
+    for brace in BRACE.finditer(text, start + len("\\boxed{")) if start >= 0 else ():
+        depth += 1 if brace.group() == "{" else -1
         if depth == 0:
             return True
     return False
@@ -1723,10 +1724,12 @@ def plot_runs(run_dirs, out, smooth=10):
     grid = fig.subplots(2, 3, sharex=True)
     seen = {"grpo": 0, "lambda": 0}  # runs of one loss share its colour, in other line styles
     for run_dir in run_dirs:
-        metrics = os.path.join(run_dir, "metrics.jsonl")
-        if not os.path.isfile(metrics):
-            raise InputError(f"{run_dir}: no metrics.jsonl (plot reads train's --output-dir).")
-        with open(os.path.join(run_dir, "run_config.json")) as f:
+        metrics, config = (os.path.join(run_dir, name) for name in ("metrics.jsonl",
+                                                                     "run_config.json"))
+        if not (os.path.isfile(metrics) and os.path.isfile(config)):
+            raise InputError(f"{run_dir}: no metrics.jsonl and run_config.json here (plot reads "
+                             "the --output-dir of train).")
+        with open(config) as f:
             loss = json.load(f)["loss"]
         style = ["-", "--", ":", "-."][seen[loss] % 4]
         seen[loss] += 1

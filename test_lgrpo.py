@@ -445,33 +445,26 @@ METRIC_KEYS = {"step", "reward_mean", "reward_std", "reward_errors", "loss", "kl
                "intermediate_prop", "flat_frac"} | TIMING_KEYS
 
 
-def main_error(argv, capsys):
-    """Run `lgrpo.main(argv)` in-process, expect a deliberate error, return its one line.
-
-    The tool's own errors exit with code 2 and print `lgrpo: error: ...` last, no traceback.
-    """
+def exit_2_line(argv, capsys):
+    """Run `lgrpo.main(argv)` in-process, expect exit code 2 and no traceback; the last line."""
     with pytest.raises(SystemExit) as exit_info:
         lgrpo.main(argv)
     err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("lgrpo: error: "), err
+    assert exit_info.value.code == 2 and "Traceback" not in err, err
+    return err.strip().splitlines()[-1]
+
+
+def main_error(argv, capsys):
+    """The tool's own error (data, reward, run folder): one line `lgrpo: error: ...`."""
+    last = exit_2_line(argv, capsys)
+    assert last.startswith("lgrpo: error: "), last
     return last
 
 
 def flag_error(argv, capsys):
-    """Run `lgrpo.main(argv)` in-process, expect argparse to refuse a flag, return its one line.
-
-    argparse's errors exit with code 2 and print the usage, then `lgrpo.py ...: error: ...`.
-    """
-    with pytest.raises(SystemExit) as exit_info:
-        lgrpo.main(argv)
-    err = capsys.readouterr().err
-    assert exit_info.value.code == 2, err
-    assert "Traceback" not in err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("lgrpo.py") and ": error: " in last, err
+    """argparse refusing a flag: the usage, then `lgrpo.py ...: error: ...`."""
+    last = exit_2_line(argv, capsys)
+    assert last.startswith("lgrpo.py") and ": error: " in last, last
     return last
 
 
