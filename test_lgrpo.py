@@ -1725,6 +1725,8 @@ def test_score_temperature_defaults_to_the_sampling_temperature(tiny_llama, arit
     assert config["score_temperature"] == 0.75
 
 
+# peft 0.21's PeftModel.from_pretrained reads transformers 5's deprecated is_gradient_checkpointing
+@pytest.mark.filterwarnings("ignore:`is_gradient_checkpointing` is deprecated:FutureWarning")
 @pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
 def test_resume_equals_uninterrupted_run(tiny_llama, arithmetic_jsonl, seven_reward, tmp_path,
                                          lora):
@@ -3980,3 +3982,11 @@ def test_the_readme_and_the_tutorial_give_the_same_valid_train_commands():
     for command in readme:  # every flag exists and every value passes its check
         args = lgrpo.build_parser().parse_args(command.split()[2:])
         assert args.command == "train" and args.model and args.output_dir.startswith("runs/")
+
+
+def test_every_test_the_docs_name_exists():
+    tests = set(re.findall(r"^def (test_\w+)", Path(__file__).read_text(encoding="utf-8"), re.M))
+    pages = [REPO_DIR / "README.md", *sorted((REPO_DIR / "docs").glob("*.md"))]
+    missing = {page.name: sorted(set(re.findall(r"\b(test_\w+)", page.read_text("utf-8")))
+                                 - tests - {"test_lgrpo"}) for page in pages}
+    assert not any(missing.values()), missing
