@@ -73,7 +73,7 @@ def completion_mask(completion_ids, eos_token_ids, stop_lengths=None):
     rule ended each row (any value > T where it did not).
 
     Read from the first EOS, never from `!= pad_token_id`: with pad = eos that would drop the real
-    EOS from the loss, and the model would never learn to stop (PAPER.md §8).
+    EOS from the loss, and the model would never learn to stop.
     """
     eos = torch.tensor(sorted(eos_token_ids), device=completion_ids.device)
     is_eos = torch.isin(completion_ids, eos)
@@ -87,7 +87,7 @@ def completion_mask(completion_ids, eos_token_ids, stop_lengths=None):
 
 
 def group_advantages(rewards, group_size, eps=1e-4):
-    """Outcome advantages a_i = (r_i − mean(r)) / (std(r) + ε) within each group (§1).
+    """Outcome advantages a_i = (r_i − mean(r)) / (std(r) + ε) within each group.
 
     The sample (n−1) std, as in the paper's worked example. A group whose rewards are all equal
     carries no signal: its advantages are exactly 0, never 0/0. Computed in float64 (a float32
@@ -103,7 +103,7 @@ def group_advantages(rewards, group_size, eps=1e-4):
 
 def logprobs_of(logits, targets, temperature):
     """log softmax(logits / temperature)[target], as logit[target] − logsumexp: no [..., V]
-    log_softmax tensor is kept (PAPER.md §8)."""
+    log_softmax tensor is kept."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
@@ -140,7 +140,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, temperatu
 
 def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_eps=0.2, beta=0.0,
                 aggregation="token"):
-    """Minus the GRPO objective of eq. (2), with optional per-token weights (λ-GRPO, §4).
+    """Minus the GRPO objective of eq. (2), with optional per-token weights (λ-GRPO, section 4).
 
     Per token: −min(P·A, clip(P, 1−ε, 1+ε)·A) + β·(exp(ref − logp) − (ref − logp) − 1), with
     P = exp(logp − old_logp), the whole term multiplied by `weights` when given. `advantages` is
@@ -368,8 +368,9 @@ class TrieNode:
 
 
 def build_trie(completions, rewards, eps=1e-4):
-    """The prefix trie of one group (§2), built the slow obvious way from token lists. The root is
-    the shared prompt, not a step; each other node is a maximal run shared by the same members."""
+    """The prefix trie of one group (section 2), built the slow obvious way from token lists. The
+    root is the shared prompt, not a step; each other node is a maximal run shared by the same
+    members."""
     # A 0-d tensor hashes by identity: read tensor tokens by value.
     seqs = [[t.item() if torch.is_tensor(t) else t for t in c] for c in completions]
     rewards = check_rewards(rewards, len(seqs)).double()
@@ -1058,7 +1059,7 @@ def reference_logprobs(args, model, reference, input_ids, attention, completion_
 
 
 def trie_stats(completion_ids, completion_mask, group_size):
-    """The paper's overlap statistics ("does overlap happen?", §5), averaged over groups.
+    """The paper's overlap statistics ("does overlap happen?"), averaged over groups.
 
     path_depth: process steps on a completion's path from the root, mean over the group's
         non-empty completions (along a path |λ| only shrinks, so a step starts where it changes).
