@@ -1423,7 +1423,7 @@ def from_hub(flag, load, name, *args, **kwargs):
     repository) turned into one line that names it."""
     try:
         return load(name, *args, **kwargs)
-    except OSError as error:  # what the hub libraries raise for all of these
+    except (OSError, ValueError) as error:  # ValueError: a missing config, an unknown model
         reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise InputError(f"{flag} {name}: cannot load it ({reason}). Check the name, the "
                          "network, and access (a gated repository needs `hf auth login`)."
@@ -1630,8 +1630,10 @@ def read_metrics(path):
         lines = f.read().split("\n")
     rows = []
     for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
         try:
-            rows.append(json.loads(line)) if line.strip() else None
+            rows.append(json.loads(line))
         except json.JSONDecodeError:
             if number != len(lines):
                 raise InputError(f"{path}, line {number}: not a JSON row; fix or remove it.")

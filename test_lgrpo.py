@@ -863,7 +863,6 @@ def test_build_trie_agrees_with_vectorized_functions_on_random_groups():
     rng = random.Random(77)
     for it in range(150):
         comps, rewards, G, ids, mask = random_batch(rng)
-        r = torch.tensor(rewards, dtype=torch.float64)
         T = ids.shape[1]
         sizes, A = oracle_sizes(comps, G, T), oracle_step_adv(comps, rewards, G, T)
         for g in range(len(comps) // G):
