@@ -896,8 +896,9 @@ def train(args):
                 save_checkpoint(args, step + 1, model=model, tokenizer=tokenizer,
                                 optimizer=optimizer)
     final = os.path.join(args.output_dir, f"checkpoint-{args.steps}")
-    print(f"lgrpo: wrote {args.output_dir}: metrics.jsonl, run_config.json, checkpoints every "
-          f"{args.save_every} steps; the final model and tokenizer are in {final} "
+    saved = [n for n in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", n)]
+    print(f"lgrpo: wrote {args.output_dir}: metrics.jsonl, run_config.json and {len(saved)} "
+          f"checkpoint folder(s); the final model and tokenizer are in {final} "
           f"({'PeftModel' if args.lora_r else 'AutoModelForCausalLM'}.from_pretrained reads it)")
     return model
 
@@ -1783,6 +1784,8 @@ def plot_toy(result, out):
         ax.set_title(f"n = {cell['n']}, r_neg = {cell['r_neg']}", fontsize=10)
         ax.set(ylim=(0, 1.02), xlim=(1, steps), xlabel="step", ylabel="share of paths = T")
         ax.legend(fontsize=7, loc="lower right")
+    for ax in axes.flat:
+        ax.label_outer()  # axis labels on the outer panels only
     title = (f"Table 1 toy: group {config['group_size']}, lr {config['lr']}, temperature "
              f"{config['temperature']}, {config['seeds']} seeds; shaded: the last {last} steps; "
              "▼: mean time to target")
