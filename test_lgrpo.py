@@ -3485,6 +3485,7 @@ TRAIN_FLAGS = [  # (flag, value): each refused by its argparse type, or with the
     ("--lr", "x"), ("--steps", 0), ("--max-new-tokens", 0), ("--eval-fraction", 1),
     ("--weight-decay", -0.1), ("--lora-r", -1), ("--lora-alpha", 0), ("--seed", -1),
     ("--save-every", 0), ("--save-every", -1), ("--dtype", "float8"), ("--loss", "ppo"),
+    ("--reward", "my_rewards"), ("--reward", "my_rewards:score:x"),  # not module:function
     ("--eval-every", 1),  # no held-out problems
     ("--eval-split", "test"),  # with --eval-fraction: two sets of held-out problems
 ]
