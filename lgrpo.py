@@ -53,9 +53,8 @@ class InputError(ValueError):
 @torch.no_grad()
 def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=None,
                        pad_token_id=0, do_sample=True, **generate_kwargs):
-    """G = `group_size` completions from π_old for every (left-padded) prompt: [P·G, T] tokens,
-    right-padded; rows g·G … g·G+G−1 are prompt g's group. `batch_size` bounds the rows of one
-    `generate` call; `do_sample=False` decodes greedily."""
+    """G = `group_size` completions from π_old per (left-padded) prompt: [P·G, T], right-padded,
+    rows g·G … g·G+G−1 for prompt g; at most `batch_size` rows per `generate` call."""
     ids = prompt_ids.repeat_interleave(group_size, 0)
     mask = prompt_mask.repeat_interleave(group_size, 0)
     step = batch_size or ids.shape[0]
@@ -68,9 +67,8 @@ def sample_completions(model, prompt_ids, prompt_mask, group_size, batch_size=No
 
 
 def completion_mask(completion_ids, eos_token_ids, stop_lengths=None):
-    """(mask, truncated): 1 on each completion's tokens up to and including its first EOS, 0
-    after; and which rows ended with neither an EOS nor a stop. `stop_lengths`: where a stopping
-    rule ended each row (any value > T where it did not).
+    """(mask, truncated): 1 up to and including each row's first EOS (or where a stopping rule
+    ended it, `stop_lengths`, > T where none did), 0 after; rows that ended with neither.
 
     Read from the first EOS, never from `!= pad_token_id`: with pad = eos that would drop the real
     EOS from the loss, and the model would never learn to stop.
@@ -102,22 +100,20 @@ def group_advantages(rewards, group_size, eps=1e-4):
 
 
 def logprobs_of(logits, targets, temperature):
-    """log softmax(logits / temperature)[target], as logit[target] − logsumexp: no [..., V]
-    log_softmax tensor is kept."""
+    """log softmax(logits / temperature)[target] as logit − logsumexp: no [..., V] tensor kept."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32)) / temperature
     return logits.gather(-1, targets[..., None]).squeeze(-1) - logits.logsumexp(-1)
 
 
 def token_logprobs(model, input_ids, attention_mask, completion_start, temperature=1.0,
                    chunk_tokens=1 << 24):
-    """log π(y_t | q, y_<t) for the positions `completion_start:` of [prompt | completion]: the
-    log-probs in the ratio P and the KL term of eq. (2).
+    """log π(y_t | q, y_<t) of the completion tokens `completion_start:`: P and D of eq. (2).
 
-    π is softmax(logits / temperature), the distribution the tokens were sampled from, so the
-    ratio and the gradient belong to the sampling policy (as in TRL). Positions come from the
-    attention mask (the prompt is left-padded), as in generate(). Only the completion's logits
-    are computed, and they become log-probs in chunks of about `chunk_tokens` logits; bf16/fp16
-    chunks are recomputed in the backward pass, so no float32 copy of [B, T, V] is ever kept.
+    π is softmax(logits / temperature), the distribution the tokens were sampled from (as in
+    TRL). Positions come from the attention mask (prompts are left-padded), as in generate().
+    Only the completion's logits are computed, turned into log-probs in chunks of about
+    `chunk_tokens` logits; bf16/fp16 chunks are recomputed in the backward pass, so no float32
+    copy of [B, T, V] is ever kept.
     """
     B, T = input_ids.shape[0], input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
@@ -176,11 +172,11 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     """μ = `updates_per_batch` optimizer steps on one batch of groups, minimizing eq. (2).
 
     λ-GRPO when `weights` are `lambda_weights`, GRPO when None. Each micro-batch's loss is scaled
-    by its share of the batch's normalizer (tokens for "token", rows for "sequence"), so gradient
-    accumulation gives exactly the full-batch gradient. `old_logp` (needed when μ > 1) and
-    `ref_logp` (when β > 0) are scored at `temperature`, like logp. Returns tensor statistics:
-    loss and clipped share averaged over the μ updates, KL(π_old ‖ π_ref), the gradient norm.
-    Raises FloatingPointError before stepping on a non-finite loss or gradient norm.
+    by its share of the batch's normalizer (tokens, or rows for "sequence"), so accumulation
+    gives exactly the full-batch gradient. `old_logp` (needed when μ > 1) and `ref_logp` (β > 0)
+    are scored at `temperature`, like logp. Returns tensors: loss and clipped share averaged over
+    the μ updates, KL(π_old ‖ π_ref), the gradient norm. Raises FloatingPointError, without
+    stepping, on a non-finite loss or gradient norm.
     """
     B, mb = input_ids.shape[0], micro_batch_size or input_ids.shape[0]
     completion_mask = binary_mask(completion_mask)  # once: boolean slices need no check
@@ -226,12 +222,12 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
 #
 # A process set λ is a set of completions that share a prefix. In the group's prefix trie each
 # node is one process step: a maximal run of tokens on which exactly the members of λ agree.
-# λ^(i,t) = {k : y^(k)[:t+1] = y^(i)[:t+1]}; identical completions are separate members. The
-# vectorized functions never build the trie; `build_trie` (section 5) builds it explicitly.
+# λ^(i,t) = {k : y^(k)[:t+1] = y^(i)[:t+1]}; identical completions are separate members. These
+# functions never build the trie; `build_trie` (section 5) does, the slow obvious way.
 
 
 def shared_prefix_lengths(completion_ids, completion_mask, group_size):
-    """lcp[g, i, k]: how many leading tokens completions i and k of group g share, so that
+    """lcp[g, i, k]: the number of leading tokens completions i and k of group g share, so that
     k ∈ λ^(i,t) exactly when lcp > t. One [B/G, G, G, T] boolean tensor, no loop over tokens."""
     mask = check_completions(completion_ids, completion_mask, group_size)
     shape = (-1, group_size, completion_ids.shape[1])
@@ -250,8 +246,7 @@ def process_set_sums(lcp, values, T):
 
 
 def process_set_sizes(completion_ids, completion_mask, group_size):
-    """|λ^(i,t)|, the size of the process set whose step holds token t of completion i; 0 on
-    padding."""
+    """|λ^(i,t)|, the size of the process set of token t of completion i; 0 on padding."""
     lcp = shared_prefix_lengths(completion_ids, completion_mask, group_size)
     ones = torch.ones(lcp.shape[:2], dtype=torch.long, device=lcp.device)
     return process_set_sums(lcp, ones, completion_ids.shape[1]).view(completion_ids.shape)
@@ -368,9 +363,8 @@ class TrieNode:
 
 
 def build_trie(completions, rewards, eps=1e-4):
-    """The prefix trie of one group (section 2), built the slow obvious way from token lists. The
-    root is the shared prompt, not a step; each other node is a maximal run shared by the same
-    members."""
+    """The prefix trie of one group (section 2) from token lists, the slow obvious way. The root
+    is the shared prompt, not a step."""
     # A 0-d tensor hashes by identity: read tensor tokens by value.
     seqs = [[t.item() if torch.is_tensor(t) else t for t in c] for c in completions]
     rewards = check_rewards(rewards, len(seqs)).double()
@@ -404,8 +398,7 @@ def trie_steps(root):
 
 
 def format_trie(root, show=str, depth=0):
-    """The trie as an indented tree, one step per line, like the paper's Figure 1; `show` turns
-    a token into text."""
+    """The trie as an indented tree, one step per line, like Figure 1; `show` prints a token."""
     lines = []
     for child in root.children:
         label = " ".join(map(show, child.tokens))
@@ -445,7 +438,7 @@ def pad_completions(completions, pad_id=0):
 
 @dataclasses.dataclass
 class Check:
-    """One numerical check: what was measured, whether it passed, the bound, and why it holds."""
+    """One numerical check: what was measured, whether it passed, the bound, why it holds."""
     name: str
     measured: float
     passed: bool
@@ -498,8 +491,8 @@ def figure1_checks():
 
 
 def steps_counted_once(logp, old, ref_logp, mask, rewards, beta):
-    """λ-GRPO read off the explicit trie: every process step once, with its step advantage.
-    A step's terms are the same for all its members (they depend on the prefix): use one."""
+    """λ-GRPO read off the explicit trie: each process step once, with its step advantage, its
+    terms taken from one member (they depend on the prefix only)."""
     total = 0.0
     for node in trie_steps(build_trie(THEOREM_GROUP, rewards)):
         i, s, e = node.members[0], node.start, node.end
@@ -651,12 +644,9 @@ def toy_policy(name_or_path, seed, device="cpu"):
 def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None,
             device="cpu"):
     """One run on the tree of Table 1: per step, the share of sampled paths equal to T
-    ("frequency") and the count of each kind of TOY_CLASSES ("counts").
-
-    sample_completions → tree_rewards → group_advantages → lambda_weights → grpo_update (μ = 1,
-    β = 0, token aggregation). A function of the seed on a given device (on CUDA with
-    PyTorch's deterministic kernels).
-    """
+    ("frequency") and the count of each kind of TOY_CLASSES ("counts"). sample_completions →
+    tree_rewards → group_advantages → lambda_weights → grpo_update (μ = 1, β = 0). A function
+    of the seed on a given device (on CUDA with PyTorch's deterministic kernels)."""
     threads, deterministic = torch.get_num_threads(), torch.are_deterministic_algorithms_enabled()
     torch.set_num_threads(1)  # the same arithmetic whatever the number of worker processes
     if torch.device(device).type == "cuda":
@@ -695,7 +685,7 @@ def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=
 
 
 def toy_job(job):
-    """toy_run on a dict of arguments (what a worker process receives)."""
+    """toy_run on a dict of arguments, as a worker process receives it."""
     return toy_run(**job)
 
 
@@ -769,8 +759,8 @@ def time_to_target(frequency, threshold=0.5, window=10):
 
 
 def run_outcome(counts, last=50):
-    """How a seed ends: the kind of TOY_CLASSES sampled most over the last `last` steps (a tie
-    goes to the kind listed first)."""
+    """How a seed ends: the kind of TOY_CLASSES sampled most in the last `last` steps (ties: the
+    first listed)."""
     totals = [sum(step[kind] for step in counts[-last:]) for kind in range(len(TOY_CLASSES))]
     return TOY_CLASSES[totals.index(max(totals))]
 
@@ -862,8 +852,8 @@ def format_reach(method):
 
 def train(args):
     """GRPO / λ-GRPO on a causal LM and a math dataset: metrics.jsonl, a checkpoint every
-    --save-every steps and always at the end. The folder is locked and checked, the reward, the
-    data and the prompts' length checked, before the model is loaded."""
+    --save-every steps and at the end. Folder, reward, data and prompt lengths are checked
+    before the model is loaded."""
     from tqdm import tqdm
     quiet_libraries()
     args.score_temperature = args.score_temperature or args.temperature  # the sampling policy's
@@ -905,8 +895,8 @@ def train(args):
 
 def train_step(args, step, model, reference, tokenizer, optimizer, problems, reward_fn,
                eos_ids):
-    """One step of `train`: 1. rollouts, 2. rewards, advantages and λ weights, 3. the log-probs
-    the update compares against, 4. μ updates. Returns the step's metrics row."""
+    """One step of `train`: rollouts; rewards, advantages and λ weights; the log-probs of π_old
+    and π_ref; μ updates. Returns the step's metrics row."""
     t0, G, device = time.perf_counter(), args.group_size, model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -1015,9 +1005,8 @@ def eos_token_ids(tokenizer, model):
 
 
 def rollout(args, model, tokenizer, enc, eos_ids, greedy=False):
-    """(completion_ids, mask, truncated): G sampled completions per prompt, or one greedy
-    completion (evaluation). With --stop-at-boxed a completion ends once its first \\boxed{...}
-    closes (the authors' rule), and so does its mask."""
+    """(completion_ids, mask, truncated): G sampled completions per prompt, or one greedy one
+    (evaluation); with --stop-at-boxed each ends, mask included, once its first box closes."""
     from transformers import StoppingCriteriaList
     P = enc["input_ids"].shape[1]
     stop = StoppingCriteriaList([StopWhenBoxed(tokenizer, P)]) if args.stop_at_boxed else None
@@ -1060,13 +1049,9 @@ def reference_logprobs(args, model, reference, input_ids, attention, completion_
 
 
 def trie_stats(completion_ids, completion_mask, group_size):
-    """The paper's overlap statistics ("does overlap happen?"), averaged over groups.
-
-    path_depth: process steps on a completion's path from the root, mean over the group's
-        non-empty completions (along a path |λ| only shrinks, so a step starts where it changes).
-    intermediate_prop: share of a completion's tokens in shared steps (|λ| > 1).
-    flat_frac: share of groups whose trie is flat (every |λ| = 1: the PRM is plain ORM).
-    """
+    """The paper's overlap statistics, averaged over groups: path_depth, the process steps on a
+    completion's path (a step starts where |λ| changes); intermediate_prop, the share of its
+    tokens in shared steps (|λ| > 1); flat_frac, the share of flat tries (the PRM is an ORM)."""
     sizes = process_set_sizes(completion_ids, completion_mask, group_size)
     valid = sizes > 0
     lengths = valid.sum(1)
@@ -1085,7 +1070,7 @@ def trie_stats(completion_ids, completion_mask, group_size):
 
 def evaluate(model, tokenizer, problems, reward_fn, args, eos_ids):
     """Mean reward of greedy completions on held-out problems (accuracy, for the math reward),
-    through the same rollout, stopping rule, decoding and reward as training."""
+    with training's rollout, stopping rule, decoding and reward."""
     total, width = 0.0, args.generation_batch_size or args.prompts_per_step * args.group_size
     for s in range(0, len(problems), width):
         batch = problems[s:s + width]
@@ -1114,10 +1099,9 @@ def seed_everything(seed):
 # 8. Scaling out with TRL
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 #
-# `python lgrpo.py train` serves one GPU. For vLLM generation and several GPUs or nodes
-# (accelerate, DeepSpeed, FSDP), λ-GRPO runs inside TRL's GRPOTrainer: TRL's loss_type="dapo" is
-# eq. (2) with token-level aggregation, so λ-GRPO there is only the weights. TRL stays optional:
-# `lgrpo.LambdaGRPOTrainer` is built on first use, and importing lgrpo never imports trl.
+# `python lgrpo.py train` serves one GPU. For vLLM and several GPUs or nodes, λ-GRPO runs inside
+# TRL's GRPOTrainer, whose loss_type="dapo" is eq. (2) with token aggregation: only the weights
+# change. `lgrpo.LambdaGRPOTrainer` is built on first use; importing lgrpo never imports trl.
 # docs/trl.md: how to use it, the equivalence measured, and the options it refuses.
 
 # TRL options that the weights would silently change. The weights reach TRL's loss through its
@@ -1145,24 +1129,19 @@ LAMBDA_GRPO_CITATION = """@inproceedings{sullivan2026grpo,
 }"""
 
 
-# LambdaGRPOTrainer: TRL's GRPOTrainer with the λ-GRPO loss, every completion token's whole term
-# (clipped surrogate and KL) times 1/|λ^(i,t)|, the normalizer left at the token count. The same
-# constructor and GRPOConfig; exact for loss_type="dapo" (TRL's default, eq. (2)'s token-level
-# aggregation) with any β, gradient accumulation, steps_per_generation and num_iterations (μ).
-# Settings that would read the weights as a mask, and vLLM's importance-sampling correction,
-# are refused.
-# - The weights come from the whole generation batch, every process's completions gathered: a
-#   process holds per_device_train_batch_size × steps_per_generation rows, not always a
-#   multiple of num_generations, so a group can straddle two processes.
-# - Rows that drop out: |λ| counts the rows in TRL's loss mask. A truncated completion under
-#   mask_truncated_completions=True has its mask zeroed by TRL before the weights are computed,
-#   so it is in no process set; a completion whose every reward is None stays in the loss (TRL
-#   gives it advantage 0, keeps its KL and its tokens), so it stays a member. Either way the
-#   weights of a step's members in the loss add up to 1: each step counts once.
-# - Private TRL names (trl 1.16): the method `_generate_and_score_completions`, overridden, and
-#   the "tool_mask" entry of its output, which `_compute_loss` multiplies into the per-token
-#   loss mask (dapo's normalizer is counted before, from the completion mask, so TRL's logged
-#   means over that mask are λ-weighted). The model card reads `_name`, `_tag_names`, `_paper`.
+# LambdaGRPOTrainer: TRL's GRPOTrainer, the same constructor and GRPOConfig, with every token's
+# whole term (surrogate and KL) times 1/|λ^(i,t)| and the normalizer left at the token count;
+# exact with any β, gradient accumulation, steps_per_generation and num_iterations (μ).
+# - The weights come from the whole generation batch gathered from every process: a group can
+#   straddle two processes (a process holds per_device_train_batch_size × steps_per_generation
+#   rows, not always a multiple of num_generations).
+# - |λ| counts the rows in TRL's loss mask: a truncated completion zeroed by
+#   mask_truncated_completions is in no process set; a completion whose rewards are all None
+#   stays (TRL keeps it at advantage 0). Either way a step's weights in the loss add up to 1.
+# - Private TRL names (trl 1.16): `_generate_and_score_completions`, overridden, and its output's
+#   "tool_mask", which `_compute_loss` multiplies into the per-token loss mask after counting
+#   dapo's normalizer from the completion mask (so TRL's logged means are λ-weighted). The model
+#   card reads `_name`, `_tag_names`, `_paper`.
 
 
 def lambda_grpo_trainer_class():
