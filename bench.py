@@ -248,11 +248,13 @@ def save_model_and_data(model, tokenizer, folder, prompts):
     return path, data
 
 
-def lgrpo_train_steps(path, data, out, loss, reward, group_size, prompts, new_tokens, steps):
+def lgrpo_train_steps(path, data, out, loss, reward, group_size, prompts, new_tokens, steps,
+                      dtype="auto"):
     """`python lgrpo.py train` with β = 0.04, `reward` and its other defaults; its metrics, step
     by step. Run in a Worker: train's one-line error goes to the worker's log."""
     try:
         lgrpo.main(["train", "--model", path, "--dataset", data, "--output-dir", out,
+                    "--dtype", dtype,
                     "--loss", loss, "--reward", reward, "--seed", "0",
                     "--group-size", str(group_size), "--prompts-per-step", str(prompts),
                     "--max-new-tokens", str(new_tokens), "--steps", str(steps), "--beta", "0.04",
@@ -664,7 +666,8 @@ def bench_trl(args, device, workdir, workers, reward):
                 if checkpointing is None:
                     phases = workers["lgrpo"](
                         lgrpo_phases, path=path, data=data, out=out, loss=loss, reward=reward,
-                        group_size=G, prompts=prompts, new_tokens=new_tokens, steps=steps)
+                        group_size=G, prompts=prompts, new_tokens=new_tokens, steps=steps,
+                        dtype="float32")  # as TRL's bf16=False: on a GPU auto would be bf16
                 else:
                     settings = dict(trl_settings, gradient_checkpointing=checkpointing)
                     phases = workers["trl"](
