@@ -1842,8 +1842,6 @@ def tiny_gpt2(vocab_size, n_layer=2, n_embd=32, n_head=2, n_positions=64, seed=0
 # F. The command line: every flag checked by argparse before anything starts
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
-SYSTEM_PROMPT = "Let's think step by step and output the final answer within \\boxed{}."
-
 
 def flag_type(convert, ok, rule):
     """An argparse type: convert the text, refuse a value outside the rule (exit 2, one line)."""
@@ -1866,13 +1864,14 @@ POSITIVE_OR_INF = flag_type(float, lambda v: v > 0, "a number > 0 (inf turns it 
 FINITE = flag_type(float, math.isfinite, "a finite number")
 PROBABILITY = flag_type(float, lambda v: 0 < v <= 1, "in (0, 1]")
 FRACTION = flag_type(float, lambda v: 0 <= v < 1, "in [0, 1)")
+MODULE_FUNCTION = flag_type(str, lambda v: re.fullmatch(r"[\w.]+:\w+", v), "module:function")
+SYSTEM_PROMPT = "Let's think step by step and output the final answer within \\boxed{}."
 
 
 def model_flag(text):
     """A saved-model folder (with config.json) or a hub id ("name" or "owner/name")."""
     if os.path.isdir(text) and not os.path.isfile(os.path.join(text, "config.json")):
-        raise argparse.ArgumentTypeError(f"{text}: the folder has no config.json (not written by "
-                                         "save_pretrained)")
+        raise argparse.ArgumentTypeError(f"{text}: no config.json (not saved by save_pretrained)")
     if not os.path.exists(text) and not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", text):
         raise argparse.ArgumentTypeError(f"{text}: no such folder, and not a hub id")
     return text
@@ -1901,50 +1900,14 @@ def output_file(text):
     return text
 
 
-def reward_flag(text):
-    if not re.fullmatch(r"[\w.]+:\w+", text):
-        raise argparse.ArgumentTypeError(f"{text}: write it as module:function")
-    return text
-
-
 def device_flag(text):
-    if text != "auto":
-        try:
-            if torch.device(text).type == "cuda" and not torch.cuda.is_available():
-                raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
-        except RuntimeError:
-            raise argparse.ArgumentTypeError(f"{text}: not a torch device (auto, cpu, cuda)")
+    try:
+        device = torch.device("cpu" if text == "auto" else text)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{text}: not a torch device (auto, cpu, cuda)")
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise argparse.ArgumentTypeError(f"{text}: this machine has no CUDA device")
     return text
-
-
-def add_toy_parser(sub):
-    toy = sub.add_parser("toy", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                         help="Table 1 on the binary-tree toy (the default command)",
-                         description="Table 1 of the paper on the binary-tree toy; the default "
-                         "command. Other commands: verify, train, plot, plot-toy (python "
-                         "lgrpo.py COMMAND --help).")
-    toy.add_argument("--n", type=PREFIX, nargs="+", default=[1, 2],
-                     help="prefix lengths n of the traps (paper: 1 2)")
-    toy.add_argument("--r-neg", type=FINITE, nargs="+", default=[-0.5, -1.0, -1.5],
-                     help="reward of the traps, write --r-neg=-1e30 for an exponent (paper: "
-                          "-0.5 -1.0 -1.5)")
-    toy.add_argument("--seeds", type=COUNT, default=5, help="seeds per cell (paper: 5)")
-    toy.add_argument("--seed", type=NATURAL, default=0, help="first seed")
-    toy.add_argument("--steps", type=COUNT, default=250, help="steps per run (paper: 250)")
-    toy.add_argument("--group-size", type=GROUP, default=16, help="group size G (paper: 16)")
-    toy.add_argument("--lr", type=POSITIVE, default=3e-4, help="AdamW learning rate (the paper "
-                     "gives none; docs/toy.md: the largest rate at which every seed converges)")
-    toy.add_argument("--temperature", type=POSITIVE, default=1.0,
-                     help="sampling temperature (the paper gives none; docs/toy.md)")
-    toy.add_argument("--toy-model", type=model_flag, default=None,
-                     help="a pretrained causal LM as the policy (the paper: gpt2); every token "
-                          "but 'L' and 'R' is masked. Default: a random-init 1-layer GPT-2")
-    toy.add_argument("--workers", type=NATURAL, default=0, help="processes (0: every core)")
-    toy.add_argument("--json", type=output_file, help="write config, cells and curves here")
-    toy.add_argument("--plot", type=output_file, metavar="FIGURE.png",
-                     help="draw the curves of every cell here (needs matplotlib)")
-    toy.add_argument("--device", type=device_flag, default="auto",
-                     help="auto: CUDA for a --toy-model when there is one, else the CPU")
 
 
 def add_train_parser(sub):
@@ -1967,8 +1930,8 @@ def add_train_parser(sub):
     arg("--prompt-field", help="question column (default: question, problem or prompt)")
     arg("--answer-field", help="answer column (default: answer or solution)")
     arg("--system-prompt", default=SYSTEM_PROMPT, help="system prompt (the authors')")
-    arg("--reward", type=reward_flag, help="module:function, f(completion_text, reference) -> "
-        "float (default: math_reward, the final answer checked by Math-Verify)")
+    arg("--reward", type=MODULE_FUNCTION, help="module:function, f(completion_text, reference) "
+        "-> float (default: math_reward, the final answer checked by Math-Verify)")
     arg("--loss", default="lambda", choices=["lambda", "grpo"], help="λ-GRPO or GRPO")
     arg("--aggregation", default="token", choices=["token", "sequence"],
         help="token: the sum over tokens / their number (the paper's); sequence: mean of means")
@@ -1997,8 +1960,7 @@ def add_train_parser(sub):
     arg("--lora-alpha", type=POSITIVE, default=128, help="LoRA alpha (paper: 128)")
     arg("--seed", type=NATURAL, default=0, help="random seed")
     arg("--output-dir", default="runs/lgrpo", help="metrics.jsonl and checkpoint-N folders")
-    arg("--save-every", type=COUNT, default=100,
-        help="checkpoint every N steps; the final step is always saved")
+    arg("--save-every", type=COUNT, default=100, help="checkpoint every N steps and the last")
     arg("--resume", action="store_true", help="continue from the newest checkpoint")
     arg("--eval-every", type=NATURAL, default=0, help="greedy eval every N steps (0: never)")
     arg("--eval-size", type=COUNT, default=100, help="held-out problems per eval")
@@ -2008,36 +1970,43 @@ def build_parser():
     p = argparse.ArgumentParser(prog="lgrpo.py", description="λ-GRPO (Sullivan & Koller, "
                                 "arXiv:2509.21154). With no command: the toy of Table 1.")
     sub = p.add_subparsers(dest="command")
-    add_toy_parser(sub)
+    toy = sub.add_parser("toy", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                         help="Table 1 on the binary-tree toy (the default command)",
+                         description="Table 1 on the binary-tree toy, the default command. "
+                         "Others: verify, train, plot, plot-toy (python lgrpo.py COMMAND --help).")
+    arg = toy.add_argument
+    arg("--n", type=PREFIX, nargs="+", default=[1, 2], help="trap prefix lengths n (paper: 1 2)")
+    arg("--r-neg", type=FINITE, nargs="+", default=[-0.5, -1.0, -1.5],
+        help="reward of the traps (paper: -0.5 -1.0 -1.5); an exponent: --r-neg=-1e30")
+    arg("--seeds", type=COUNT, default=5, help="seeds per cell (paper: 5)")
+    arg("--seed", type=NATURAL, default=0, help="first seed")
+    arg("--steps", type=COUNT, default=250, help="steps per run (paper: 250)")
+    arg("--group-size", type=GROUP, default=16, help="group size G (paper: 16)")
+    arg("--lr", type=POSITIVE, default=3e-4, help="AdamW learning rate (the paper gives none; "
+        "docs/toy.md: the largest rate at which every seed converges)")
+    arg("--temperature", type=POSITIVE, default=1.0,
+        help="sampling temperature (the paper gives none; docs/toy.md)")
+    arg("--toy-model", type=model_flag, help="a pretrained causal LM as the policy, every token "
+        "but 'L' and 'R' masked (paper: gpt2; without it a random-init 1-layer GPT-2)")
+    arg("--workers", type=NATURAL, default=0, help="processes (0: every core)")
+    arg("--json", type=output_file, help="write config, cells and curves here")
+    arg("--plot", type=output_file, metavar="FIGURE.png",
+        help="draw the curves of every cell here (needs matplotlib)")
+    arg("--device", type=device_flag, default="auto",
+        help="auto: CUDA for a --toy-model when there is one, else the CPU")
     sub.add_parser("verify", help="check Theorem 1 and the worked example numerically",
-                   description="Checks, to machine precision: every number of the paper's "
-                   "Figure 1; Theorem 1 (L_GRPO = L_PRM) in value and gradient; λ-GRPO = each "
-                   "process step counted once; and that the equality breaks without token "
-                   "aggregation or with μ > 1 and clipping.")
+                   description="Checks to machine precision Figure 1's numbers, Theorem 1 (L_GRPO "
+                   "= L_PRM) in value and gradient, λ-GRPO = each process step counted once, and "
+                   "that the equality breaks without token aggregation or with μ > 1 and clipping.")
     add_train_parser(sub)
-    pl = sub.add_parser("plot", help="one figure comparing train runs (needs matplotlib)")
-    pl.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--output-dir folders")
-    pl.add_argument("--out", type=output_file, required=True, metavar="FIGURE.png")
-    pl.add_argument("--smooth", type=COUNT, default=10, help="steps of the reward's mean")
-    pt = sub.add_parser("plot-toy", help="the toy's figure from a --json result")
-    pt.add_argument("result", metavar="RESULT.json", help="written by python lgrpo.py --json")
-    pt.add_argument("--out", type=output_file, required=True, metavar="FIGURE.png")
+    plot = sub.add_parser("plot", help="one figure comparing train runs (needs matplotlib)")
+    plot.add_argument("run_dirs", nargs="+", metavar="RUN_DIR", help="--output-dir folders")
+    plot.add_argument("--out", type=output_file, required=True, metavar="FIGURE.png")
+    plot.add_argument("--smooth", type=COUNT, default=10, help="steps of the reward's mean")
+    plot_toy = sub.add_parser("plot-toy", help="the toy's figure from a --json result")
+    plot_toy.add_argument("result", metavar="RESULT.json", help="written by python lgrpo.py --json")
+    plot_toy.add_argument("--out", type=output_file, required=True, metavar="FIGURE.png")
     return p
-
-
-def check_flag_combinations(parser, args):
-    """What no single flag's type can check; argparse's one-line error, exit 2."""
-    import importlib.util
-    needs = [("plot", args.command in ("plot", "plot-toy") or getattr(args, "plot", None),
-              "matplotlib"), ("--lora-r", getattr(args, "lora_r", 0), "peft")]
-    for what, wanted, package in needs:
-        if wanted and importlib.util.find_spec(package) is None:
-            parser.error(f"{what} needs {package}: pip install {package}")
-    if args.command == "train":
-        if args.eval_split and args.eval_fraction:
-            parser.error("--eval-split and --eval-fraction both name the held-out problems")
-        if args.eval_every and not (args.eval_split or args.eval_fraction):
-            parser.error("--eval-every needs --eval-split or --eval-fraction")
 
 
 def main(argv=None):
@@ -2047,7 +2016,17 @@ def main(argv=None):
         argv = ["toy"] + argv  # the toy is the default command, its flags the default --help
     parser = build_parser()
     args = parser.parse_args(argv)
-    check_flag_combinations(parser, args)
+    # What no single flag's type can check, refused the same way: argparse's one line, exit 2.
+    from importlib.util import find_spec
+    plots = args.command in ("plot", "plot-toy") or getattr(args, "plot", None)
+    if plots and find_spec("matplotlib") is None:
+        parser.error("plot needs matplotlib: pip install matplotlib")
+    if getattr(args, "lora_r", 0) and find_spec("peft") is None:
+        parser.error("--lora-r needs peft: pip install peft")
+    if args.command == "train" and args.eval_split and args.eval_fraction:
+        parser.error("--eval-split and --eval-fraction both name the held-out problems")
+    if args.command == "train" and args.eval_every and not (args.eval_split or args.eval_fraction):
+        parser.error("--eval-every needs --eval-split or --eval-fraction")
     try:
         if args.command == "verify":
             sys.exit(1 if verify() else 0)
