@@ -1718,8 +1718,8 @@ def plot_runs(run_dirs, out, smooth=10):
         ax.set_xlabel("step")
     seen = {"grpo": 0, "lambda": 0}  # runs of one loss share its colour, in other line styles
     for run_dir in run_dirs:
-        metrics, config = (os.path.join(run_dir, name) for name in ("metrics.jsonl",
-                                                                     "run_config.json"))
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        config = os.path.join(run_dir, "run_config.json")
         if not (os.path.isfile(metrics) and os.path.isfile(config)):
             raise InputError(f"{run_dir}: no metrics.jsonl and run_config.json here (plot reads "
                              "the --output-dir of train).")
