@@ -1524,9 +1524,8 @@ RESUMABLE_FLAGS = ("steps", "save_every", "eval_every", "eval_size", "micro_batc
 
 @contextlib.contextmanager
 def run_folder(args):
-    """Create and lock --output-dir for the whole run (a second run into it refuses at once),
-    check it, and yield the checkpoint to resume from (None for a new run). A run that fails
-    before it wrote anything leaves no folder behind."""
+    """--output-dir, created and locked for the whole run; yields the checkpoint to resume from
+    (None for a new run). A run that fails before it wrote anything leaves no folder behind."""
     import fcntl
     out = args.output_dir
     created = not os.path.exists(out)
@@ -1535,24 +1534,22 @@ def run_folder(args):
         lock = open(os.path.join(out, ".lock"), "a+")
     except OSError as error:
         raise InputError(f"--output-dir {out}: cannot write there ({error.strerror}).") from None
-    try:
+    with lock:  # closing it releases the flock
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             raise InputError(f"--output-dir {out} is in use by another run: wait for it, or "
                              "choose another --output-dir.") from None
-        yield prepare_run_folder(args)
-    except BaseException:
-        if created and os.listdir(out) == [".lock"]:
-            shutil.rmtree(out, ignore_errors=True)
-        raise
-    finally:
-        lock.close()
+        try:
+            yield resume_checkpoint(args)
+        except BaseException:
+            if created and os.listdir(out) == [".lock"]:
+                shutil.rmtree(out, ignore_errors=True)
+            raise
 
 
-def prepare_run_folder(args):
-    """None for a new run (refusing a folder that holds an earlier one); with --resume, the
-    newest complete checkpoint, after refusing changed flags and cutting metrics.jsonl back."""
+def resume_checkpoint(args):
+    """The newest complete checkpoint for --resume, its flags checked; None for a new run."""
     out, metrics = args.output_dir, os.path.join(args.output_dir, "metrics.jsonl")
     steps = sorted(int(n.split("-")[1]) for n in os.listdir(out)
                    if re.fullmatch(r"checkpoint-\d+", n))
@@ -1562,41 +1559,35 @@ def prepare_run_folder(args):
             raise InputError(f"--output-dir {out} holds an earlier run: {fix}, or choose another "
                              "--output-dir (nothing was overwritten).")
         return None
-    for step in reversed(steps):  # the newest checkpoint with weights and a readable state
+    for step in reversed(steps):
         path = os.path.join(out, f"checkpoint-{step}")
         try:
             if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
                 raise OSError("no model weights")
             state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True,
                                mmap=True)
+            break
         except (OSError, RuntimeError, EOFError) as error:
             warn(f"skipped checkpoint-{step}, incomplete ({error}).")
-            continue
-        check_resumed_flags(args, state["args"], path)
-        if state["step"] >= args.steps:
-            raise InputError(f"--steps {args.steps}: the run in {out} is at step "
-                             f"{state['step']} already; pass a larger --steps.")
-        keep_metrics_until(metrics, state["step"])
-        return path
-    raise InputError(f"--resume: {out} holds no complete checkpoint; start over in another "
-                     "--output-dir.")
-
-
-def check_resumed_flags(args, saved, checkpoint):
-    """Refuse a resume that changes what defines the run, listing each `--flag old → new`: two
-    configurations mixed make a run that is neither."""
+    else:
+        raise InputError(f"--resume: {out} holds no complete checkpoint; start over in another "
+                         "--output-dir.")
+    # Two configurations mixed make a run that is neither.
     changes = [f"--{name.replace('_', '-')} {shorten(old, 40)} → {shorten(getattr(args, name), 40)}"
-               for name, old in saved.items()
+               for name, old in state["args"].items()
                if name not in RESUMABLE_FLAGS and getattr(args, name, old) != old]
     if changes:
-        raise InputError(f"--resume would change the run saved in {checkpoint}: "
-                         f"{'; '.join(changes)}. Pass its own values, or start a new run in "
-                         "another --output-dir.")
+        raise InputError(f"--resume would change the run saved in {path}: {'; '.join(changes)}. "
+                         "Pass its own values, or start a new run in another --output-dir.")
+    if state["step"] >= args.steps:
+        raise InputError(f"--steps {args.steps}: the run in {out} is at step {state['step']} "
+                         "already; pass a larger --steps.")
+    keep_metrics_until(metrics, state["step"])
+    return path
 
 
 def keep_metrics_until(path, step):
-    """Keep the rows of metrics.jsonl up to `step`, atomically; a last line cut off mid-write is
-    dropped and a missing file tolerated, each with a warning."""
+    """The rows of metrics.jsonl up to `step` kept, atomically; a missing file is a warning."""
     if not os.path.exists(path):
         return warn(f"{path} is missing: the run goes on from step {step + 1}.")
     rows = read_metrics(path)
@@ -1604,47 +1595,41 @@ def keep_metrics_until(path, step):
 
 
 def read_metrics(path):
-    """The rows of a metrics.jsonl. A last line cut off mid-write (a crash, or a run still
-    writing) is left out with a warning; a broken line before it is an error."""
+    """The rows of a metrics.jsonl; a last line cut off mid-write is left out with a warning."""
     with open(path, encoding="utf-8") as f:
         lines = f.read().split("\n")
     rows = []
     for number, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
         try:
-            rows.append(json.loads(line))
+            if line.strip():
+                rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if number != len(lines):
+            if number < len(lines):
                 raise InputError(f"{path}, line {number}: not a JSON row; fix or remove it.")
             warn(f"{path}: left out its last line, cut off mid-write: {shorten(line)}")
     return rows
 
 
 def restore_run(resume_from, optimizer):
-    """The step to start from: 0 for a new run; when resuming, the checkpoint's, with the
-    optimizer and random state restored."""
+    """The step to start from: 0, or the checkpoint's, with optimizer and random state restored."""
     if not resume_from:
         return 0
     state = torch.load(os.path.join(resume_from, "trainer_state.pt"), weights_only=True)
     optimizer.load_state_dict(state["optimizer"])
     torch.set_rng_state(state["torch_rng"])
-    if state["cuda_rng"]:
-        torch.cuda.set_rng_state_all(state["cuda_rng"])
+    torch.cuda.set_rng_state_all(state["cuda_rng"])  # [] when saved without CUDA
     return state["step"]
 
 
 def save_checkpoint(args, step, model, tokenizer, optimizer):
-    """Model, tokenizer and trainer state, written to a temporary folder and renamed: a crash
-    mid-write never leaves a checkpoint that looks complete."""
+    """Written to a temporary folder and renamed: a crash never leaves one that looks complete."""
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args),
-                "torch_rng": torch.get_rng_state(),
-                "cuda_rng": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else []},
+                "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all()},
                os.path.join(tmp, "trainer_state.pt"))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(tmp, final)
@@ -1697,18 +1682,23 @@ def trailing_mean(xs, window):
 
 
 def plot_runs(run_dirs, out, smooth=10):
-    """One figure comparing `train` runs against the step: reward (raw and smoothed), eval
-    accuracy, completion length, KL, and the trie statistics of the paper's overlap measurement."""
+    """`plot`: train runs against the step: reward (raw and smoothed), eval accuracy, completion
+    length, KL, and the trie statistics of the paper's overlap measurement."""
     panels = [("reward_mean", "reward (mean over completions)"), ("eval_accuracy",
               "eval accuracy (greedy)"), ("completion_len", "completion length (tokens)"),
               ("kl", "KL to the reference (k3)"), ("path_depth", "trie path depth (steps)"),
               ("intermediate_prop", "intermediate proportion")]
     fig = new_figure(12, 6)
     grid = fig.subplots(2, 3, sharex=True)
+    for ax, (_, title) in zip(grid.flat, panels):
+        ax.set_title(title, fontsize=10)
+        ax.grid(alpha=0.3)
+    for ax in grid[-1]:
+        ax.set_xlabel("step")
     seen = {"grpo": 0, "lambda": 0}  # runs of one loss share its colour, in other line styles
     for run_dir in run_dirs:
-        metrics, config = (os.path.join(run_dir, name) for name in ("metrics.jsonl",
-                                                                     "run_config.json"))
+        metrics = os.path.join(run_dir, "metrics.jsonl")
+        config = os.path.join(run_dir, "run_config.json")
         if not (os.path.isfile(metrics) and os.path.isfile(config)):
             raise InputError(f"{run_dir}: no metrics.jsonl and run_config.json here (plot reads "
                              "the --output-dir of train).")
@@ -1718,8 +1708,7 @@ def plot_runs(run_dirs, out, smooth=10):
         seen[loss] += 1
         label = f"{os.path.basename(os.path.normpath(run_dir))} ({LOSS_NAMES[loss]})"
         rows = read_metrics(metrics)
-        for ax, (key, title) in zip(grid.flat, panels):
-            ax.set_title(title, fontsize=10)
+        for ax, (key, _) in zip(grid.flat, panels):
             points = [(r["step"], r[key]) for r in rows if r.get(key) is not None]
             if not points:
                 continue
@@ -1728,19 +1717,14 @@ def plot_runs(run_dirs, out, smooth=10):
                 ax.plot(x, y, color=COLORS[loss], ls=style, alpha=0.25, lw=0.8)
                 y = trailing_mean(y, smooth)
             ax.plot(x, y, color=COLORS[loss], ls=style, lw=1.5, label=label)
-    for ax in grid.flat:
-        ax.grid(alpha=0.3)
-    for ax in grid[-1]:
-        ax.set_xlabel("step")
     grid[0][0].legend(fontsize=8)
     fig.savefig(out, dpi=100)
     return out
 
 
 def plot_toy(result, out):
-    """The toy's Table 1 as curves: a panel per (n, r_neg) cell, the share of sampled paths equal
-    to T per step (10-step means; thin: single seeds), the last 50 steps shaded, ▼ the mean time
-    to target."""
+    """Table 1 as curves: per (n, r_neg) cell the share of sampled paths equal to T per step
+    (10-step means; thin: single seeds), the last 50 steps shaded, ▼ the mean time to target."""
     cells, config = result["cells"], result["config"]
     ns, r_negs = sorted({c["n"] for c in cells}), sorted({c["r_neg"] for c in cells}, reverse=True)
     width = 3.6 * len(r_negs)
@@ -1763,7 +1747,6 @@ def plot_toy(result, out):
         ax.set_title(f"n = {cell['n']}, r_neg = {cell['r_neg']}", fontsize=10)
         ax.set(ylim=(0, 1.02), xlim=(1, steps), xlabel="step", ylabel="share of paths = T")
         ax.legend(fontsize=7, loc="lower right")
-    for ax in axes.flat:
         ax.label_outer()  # axis labels on the outer panels only
     title = (f"Table 1 toy: group {config['group_size']}, lr {config['lr']}, temperature "
              f"{config['temperature']}, {config['seeds']} seeds; shaded: the last {last} steps; "
@@ -1790,16 +1773,13 @@ def plot_toy_file(path, out):
 # E. Tiny models built in code, no download (the tests, the tutorial and bench.py share them)
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
-TOKENIZER_CHARS = ("0123456789+-*/=?.,: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ"
-                   "{}()\\#$\n'")
-
 
 def char_tokenizer():
-    """A character-level tokenizer: <s>, </s>, <unk> are ids 0, 1, 2; BOS is prepended as
-    Llama's tokenizer does; there is no pad token."""
+    """Characters as tokens; <s>, </s>, <unk> are ids 0, 1, 2, <s> leads as Llama's; no pad."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
-    vocab = {"<s>": 0, "</s>": 1, "<unk>": 2, **{c: i + 3 for i, c in enumerate(TOKENIZER_CHARS)}}
+    chars = "0123456789+-*/=?.,: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{}()\\#$\n'"
+    vocab = {token: i for i, token in enumerate(["<s>", "</s>", "<unk>", *chars])}
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
@@ -1811,19 +1791,15 @@ def char_tokenizer():
 
 
 def tiny_llama(tokenizer, seed=0, max_positions=256, **config):
-    """A random-init 2-layer Llama, 32 wide, over the tokenizer's vocabulary; `config` overrides
-    LlamaConfig fields."""
+    """A random-init 2-layer, 32-wide Llama for the tokenizer; `config` overrides LlamaConfig's."""
     from transformers import LlamaConfig, LlamaForCausalLM
-    config = LlamaConfig(**{"vocab_size": len(tokenizer), "hidden_size": 32,
-                            "intermediate_size": 64, "num_hidden_layers": 2,
-                            "num_attention_heads": 4, "num_key_value_heads": 2,
-                            "max_position_embeddings": max_positions,
-                            "bos_token_id": tokenizer.bos_token_id,
-                            "eos_token_id": tokenizer.eos_token_id, "tie_word_embeddings": True,
-                            **config})
+    defaults = dict(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64,
+                    num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                    max_position_embeddings=max_positions, bos_token_id=tokenizer.bos_token_id,
+                    eos_token_id=tokenizer.eos_token_id, tie_word_embeddings=True)
     with torch.random.fork_rng():  # leave the caller's random stream alone
         torch.manual_seed(seed)
-        return LlamaForCausalLM(config)
+        return LlamaForCausalLM(LlamaConfig(**(defaults | config)))
 
 
 def tiny_gpt2(vocab_size, n_layer=2, n_embd=32, n_head=2, n_positions=64, seed=0,
