@@ -1416,9 +1416,8 @@ def from_hub(flag, load, name, *args, **kwargs):
         return load(name, *args, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a missing config, an unknown model
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputError(f"{flag} {name}: cannot load it ({reason}). Check the name, the "
-                         "network, and access (a gated repository needs `hf auth login`)."
-                         ) from None
+        raise InputError(f"{flag} {name}: cannot load it ({reason}). Check the name, the network, "
+                         "and access (a gated repository needs `hf auth login`).") from None
 
 
 def load_problems(args):
@@ -1454,7 +1453,7 @@ def load_problems(args):
 
 
 def problem_rows(args, split, question, answer):
-    """A split's (question, reference) pairs, refusing missing or empty ones (not "None")."""
+    """A split's (question, reference) pairs, refusing an empty split and rows with blank fields."""
     pairs = list(zip(split[question], split[answer]))
     bad = [i for i, (q, a) in enumerate(pairs, 1)
            if not isinstance(q, str) or not q.strip() or a is None or not str(a).strip()]
