@@ -1222,29 +1222,26 @@ def __getattr__(name):
 # A. The reward: the final answer checked by Math-Verify, and the authors' boxed stop
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 #
-# The paper's reward: 1 for a correct final answer, else 0, decided by Hugging Face's
-# Math-Verify, as the authors did. Model output is parsed, never evaluated. Math-Verify is
-# imported on first use only.
+# The paper's reward: 1 for a correct final answer, else 0, decided by Hugging Face's Math-Verify
+# as the authors did. Model output is parsed, never evaluated; Math-Verify loads on first use.
 
 BOX_OPEN = re.compile(r"\\(?:boxed|fbox)\s*\{")  # MATH writes \boxed and, rarely, \fbox
 BRACE = re.compile(r"[{}]")
 
 
 def last_boxed(text):
-    """The content of the last complete \\boxed{...} (nested braces allowed), or None: an unclosed
-    box (a generation cut off mid-answer) is skipped for an earlier one."""
+    """The content of the last closed \\boxed{...}, or None: a cut-off, unclosed one is skipped."""
     for match in reversed(list(BOX_OPEN.finditer(text))):
         depth = 1
-        for i in range(match.end(), len(text)):
-            depth += {"{": 1, "}": -1}.get(text[i], 0)
+        for brace in BRACE.finditer(text, match.end()):
+            depth += 1 if brace.group() == "{" else -1
             if depth == 0:
-                return text[match.end():i]
+                return text[match.end():brace.start()]
     return None
 
 
 def reference_answer(reference):
-    """A dataset's answer: after the last "####" (GSM8K), else its last box (MATH, OpenRS), else
-    the whole string."""
+    """A dataset's answer: after the last "####" (GSM8K), else its last box (MATH), else all."""
     if "####" in reference:
         return reference.rsplit("####", 1)[1].strip()
     boxed = last_boxed(reference)
@@ -1253,44 +1250,39 @@ def reference_answer(reference):
 
 def math_rewards(completions, references):
     """(rewards, reward_errors): 1.0 where Math-Verify finds a completion's final answer equal to
-    its reference answer, else 0.0; and how many scored 0 because Math-Verify raised or timed
-    out. Each distinct reference is parsed once."""
-    if threading.current_thread() is not threading.main_thread():
-        # Math-Verify times out with signal.alarm, which works on the main thread only:
-        # elsewhere every answer would silently score 0.
+    its reference's, else 0.0; and how many scored 0 because Math-Verify raised or timed out."""
+    if threading.current_thread() is not threading.main_thread():  # else all would score 0
         raise RuntimeError("math_reward must run on the main thread (Math-Verify's timeouts use "
                            "signal.alarm); or pass your own --reward module:function.")
     from math_verify import ExprExtractionConfig, LatexExtractionConfig, parse, verify
     from math_verify.errors import TimeoutException
-    failures = (Exception, TimeoutException)  # its timeout is a BaseException
     targets = (LatexExtractionConfig(boxed_match_priority=0), ExprExtractionConfig())
 
-    def parsed(text):  # the extracted answers ([] if none), or None on an error
+    def attempt(fn, *args):  # fn's result, or None where Math-Verify raised or timed out
         try:
-            return parse(text, targets, raise_on_error=True)
-        except failures:
+            return fn(*args, raise_on_error=True)
+        except (Exception, TimeoutException):  # its timeout is a BaseException
             return None
 
-    def equal(gold, answer):  # pair by pair, so that an error cannot hide a match: None if
-        failed = False        # a comparison failed and none matched
-        for g in gold:
-            for a in answer:
-                try:
-                    if verify(g, a, raise_on_error=True):
-                        return True
-                except failures:
-                    failed = True
-        return None if failed else False
+    @functools.cache  # each distinct reference is parsed once
+    def gold(reference):
+        return attempt(parse, "\\boxed{" + reference_answer(reference) + "}", targets)
 
-    golds, rewards, errors = {}, [], 0
-    for completion, reference in zip(completions, references, strict=True):
-        if reference not in golds:
-            golds[reference] = parsed("\\boxed{" + reference_answer(reference) + "}")
-        answer = parsed(completion) if golds[reference] else None
-        match = equal(golds[reference], answer) if answer is not None else None
-        rewards.append(1.0 if match else 0.0)
-        errors += match is None
-    return rewards, errors
+    def score(completion, reference):  # (reward, failed); pair by pair: an error hides no match
+        golds = gold(reference)
+        answers = attempt(parse, completion, targets) if golds else None
+        if answers is None:
+            return 0.0, True
+        verified = []
+        for g in golds:
+            for a in answers:
+                verified.append(attempt(verify, g, a))
+                if verified[-1]:
+                    return 1.0, False
+        return 0.0, None in verified
+
+    scores = [score(c, r) for c, r in zip(completions, references, strict=True)]
+    return [reward for reward, _ in scores], sum(failed for _, failed in scores)
 
 
 def math_reward(completion, reference):
@@ -1309,7 +1301,7 @@ def load_reward(spec):
     try:
         module = importlib.import_module(module_name)
     except ModuleNotFoundError as error:
-        if error.name != module_name.split(".")[0] and error.name != module_name:
+        if error.name not in (module_name, module_name.split(".")[0]):
             raise  # the module is there, but something it imports is not: keep the traceback
         raise InputError(f"--reward {spec}: no module {module_name!r} in the current folder or "
                          "on the Python path.") from None
@@ -1347,8 +1339,7 @@ def shorten(value, width=60):
 
 
 def boxed_closed(text):
-    """True once the first \\boxed{ has its closing brace: the authors' stopping rule, on exactly
-    the string "\\boxed{" (also the box Math-Verify reads)."""
+    """True once the first \\boxed{ closes: the authors' stopping rule, on exactly "\\boxed{"."""
     start = text.find("\\boxed{")
     depth = 1
     for brace in BRACE.finditer(text, start + len("\\boxed{")) if start >= 0 else ():
@@ -1399,20 +1390,17 @@ DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 
 
 def from_hub(flag, load, name, *args, **kwargs):
-    """load(name, ...), with a hub or file failure (no network, a misspelt id, a gated
-    repository) turned into one line that names it."""
+    """load(name, ...); a hub or file failure (no network, a misspelt id, gated) as one line."""
     try:
         return load(name, *args, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a missing config, an unknown model
-        reason = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise InputError(f"{flag} {name}: cannot load it ({reason}). Check the name, the "
-                         "network, and access (a gated repository needs `hf auth login`)."
-                         ) from None
+        reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
+        raise InputError(f"{flag} {name}: cannot load it ({reason}). Check the name, the network, "
+                         "and access (a gated repository needs `hf auth login`).") from None
 
 
 def load_problems(args):
-    """(train, eval) lists of (question, reference) from a hub dataset or a local file, refusing
-    unknown splits and rows whose question or answer is missing or empty."""
+    """(train, eval) lists of (question, reference) from a hub dataset or a local file."""
     import datasets
     if os.path.exists(args.dataset):
         builder = DATA_FORMATS.get(os.path.splitext(args.dataset)[1].lower())
@@ -1435,19 +1423,16 @@ def load_problems(args):
         if fields[-1] not in columns:
             raise InputError(f"--{kind}-field {fields[-1]}: not a column of {args.dataset}; its "
                              f"columns are {columns}.")
-    train_split, evaluation = data[args.train_split], None
-    if args.eval_split:
-        evaluation = data[args.eval_split]
-    elif args.eval_fraction:
-        parts = train_split.train_test_split(test_size=args.eval_fraction, seed=args.seed)
-        train_split, evaluation = parts["train"], parts["test"]
-    return (problem_rows(args, train_split, *fields),
-            problem_rows(args, evaluation, *fields) if evaluation is not None else [])
+    train, held_out = args.train_split, args.eval_split
+    if args.eval_fraction:  # a DatasetDict of the splits "train" and "test"
+        data = data[train].train_test_split(test_size=args.eval_fraction, seed=args.seed)
+        train, held_out = "train", "test"
+    return (problem_rows(args, data[train], *fields),
+            problem_rows(args, data[held_out], *fields) if held_out else [])
 
 
 def problem_rows(args, split, question, answer):
-    """(question, reference) pairs of a split, refusing an empty split and rows whose question
-    is not text or whose question or answer is missing or empty (they would train on "None")."""
+    """A split's (question, reference) pairs, refusing an empty split and rows with blank fields."""
     pairs = list(zip(split[question], split[answer]))
     bad = [i for i, (q, a) in enumerate(pairs, 1)
            if not isinstance(q, str) or not q.strip() or a is None or not str(a).strip()]
@@ -1459,8 +1444,7 @@ def problem_rows(args, split, question, answer):
 
 
 def step_problems(problems, step, k, seed):
-    """The k problems of a step: consecutive slices of a seeded shuffle per epoch, a function of
-    the step alone, so that a resumed run sees the same data."""
+    """The k problems of a step, from a seeded shuffle per epoch: a resumed run sees the same."""
     out = []
     for j in range(step * k, (step + 1) * k):
         epoch, pos = divmod(j, len(problems))
@@ -1469,22 +1453,23 @@ def step_problems(problems, step, k, seed):
     return out
 
 
-def prompt_texts(tokenizer, questions, system_prompt):
-    """The prompts as text: the tokenizer's chat template when it has one, else plain text (the
-    tokenizer then adds its usual special tokens, BOS)."""
-    if not getattr(tokenizer, "chat_template", None):
-        return [f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n" for q in questions]
-    return [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
-                                           {"role": "user", "content": q}],
-                                          tokenize=False, add_generation_prompt=True)
-            for q in questions]
+def tokenize_prompts(tokenizer, questions, system_prompt, **kwargs):
+    """The prompts tokenized: by the chat template when there is one, else as plain text (+ BOS)."""
+    plain = not getattr(tokenizer, "chat_template", None)  # a template writes its own tokens
+    if plain:
+        texts = [f"{system_prompt}\n\n{q}\n" if system_prompt else f"{q}\n" for q in questions]
+    else:
+        texts = [tokenizer.apply_chat_template([{"role": "system", "content": system_prompt},
+                                                {"role": "user", "content": q}],
+                                               tokenize=False, add_generation_prompt=True)
+                 for q in questions]
+    return tokenizer(texts, add_special_tokens=plain, **kwargs)
 
 
 def encode_prompts(tokenizer, questions, system_prompt, device):
-    """Left-padded prompt tensors of `prompt_texts`."""
-    plain = not getattr(tokenizer, "chat_template", None)  # a template writes its own tokens
-    return tokenizer(prompt_texts(tokenizer, questions, system_prompt), return_tensors="pt",
-                     padding=True, add_special_tokens=plain).to(device)
+    """Left-padded prompt tensors (`tokenize_prompts`)."""
+    return tokenize_prompts(tokenizer, questions, system_prompt, return_tensors="pt",
+                            padding=True).to(device)
 
 
 def check_prompt_lengths(args, problems):
@@ -1494,13 +1479,12 @@ def check_prompt_lengths(args, problems):
     config = from_hub("--model", AutoConfig.from_pretrained, args.model,
                       trust_remote_code=args.trust_remote_code)
     limit = getattr(config, "max_position_embeddings", None)
-    if not isinstance(limit, int) or not problems:
+    if not isinstance(limit, int):
         return
     tokenizer = from_hub("--model", AutoTokenizer.from_pretrained, args.model,
                          trust_remote_code=args.trust_remote_code)
-    plain = not getattr(tokenizer, "chat_template", None)
-    texts = prompt_texts(tokenizer, [q for q, _ in problems], args.system_prompt)
-    lengths = [len(ids) for ids in tokenizer(texts, add_special_tokens=plain)["input_ids"]]
+    ids = tokenize_prompts(tokenizer, [q for q, _ in problems], args.system_prompt)["input_ids"]
+    lengths = [len(row) for row in ids]
     longest = max(lengths)
     if longest + args.max_new_tokens > limit:
         fix = f"lower --max-new-tokens to {limit - longest} or" if longest < limit else "and"
