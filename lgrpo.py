@@ -1416,7 +1416,8 @@ def load_problems(args):
         if split is not None and split not in data:
             raise InputError(f"{flag} {split}: {args.dataset} has the splits {list(data)} (a local "
                              "file is one split, 'train'; --eval-fraction holds problems out).")
-    columns = data[args.train_split].column_names
+    used = [data[s] for s in (args.train_split, args.eval_split) if s is not None]
+    columns = [c for c in used[0].column_names if all(c in split.column_names for split in used)]
     fields = []
     for kind, given in (("prompt", args.prompt_field), ("answer", args.answer_field)):
         fields.append(given or next((c for c in FIELD_GUESSES[kind] if c in columns), None))

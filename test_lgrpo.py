@@ -3251,6 +3251,20 @@ def test_a_dataset_download_that_fails_is_one_line(tiny_llama, arithmetic_jsonl,
     assert not out.exists()
 
 
+def test_a_hub_eval_split_without_the_train_columns_is_one_line(tiny_llama, arithmetic_jsonl,
+                                                                 tmp_path, monkeypatch, capsys):
+    import datasets
+    splits = datasets.DatasetDict({
+        "train": datasets.Dataset.from_dict({"question": ["1+1=?"], "answer": ["2"]}),
+        "test": datasets.Dataset.from_dict({"question": ["2+2=?"], "solution": ["4"]})})
+    monkeypatch.setattr(datasets, "load_dataset", lambda *args, **kwargs: splits)
+    forbid(monkeypatch, "load_causal_lm")
+    args = train_args(tiny_llama, arithmetic_jsonl, tmp_path / "run", "--steps", 1,
+                      "--eval-split", "test", "--eval-every", 1)
+    args[args.index("--dataset") + 1] = "owner/math"
+    assert "--answer-field" in main_error(args, capsys)  # "answer" is not a column of both
+
+
 # ================================================================================================
 # Appendix C. Runs: the lock, resume, the files of a run
 # ================================================================================================
