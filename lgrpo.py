@@ -1760,7 +1760,8 @@ def plot_toy_file(path, out):
 
 
 def char_tokenizer():
-    """Characters as tokens; <s>, </s>, <unk> are ids 0, 1, 2, <s> leads as Llama's; no pad."""
+    """Characters as tokens: <s>, </s>, <unk> are ids 0, 1, 2; <s> is prepended, as Llama's
+    tokenizer does; there is no pad token."""
     from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, processors
     from transformers import PreTrainedTokenizerFast
     chars = "0123456789+-*/=?.,: abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ{}()\\#$\n'"
