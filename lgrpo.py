@@ -983,6 +983,10 @@ def load_causal_lm(flag, name_or_path, dtype, device, trust_remote_code=False):
             setattr(config, key, 0.0)
     model = from_hub(flag, AutoModelForCausalLM.from_pretrained, name_or_path, config=config,
                      trust_remote_code=trust_remote_code, dtype=dtype)
+    if name_or_path.endswith(".gguf"):  # dequantized, yet marked quantized: save_pretrained
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)  # would refuse it
+        plain.load_state_dict(model.state_dict())
+        model = plain
     return model.to(device)
 
 
@@ -1390,13 +1394,20 @@ DATA_FORMATS = {".jsonl": "json", ".json": "json", ".csv": "csv", ".parquet": "p
 
 
 def from_hub(flag, load, name, *args, **kwargs):
-    """load(name, ...); a hub or file failure (no network, a misspelt id, gated) as one line."""
+    """load(name, ...); a hub or file failure (no network, a misspelt id, gated) as one line. A
+    .gguf file is read from its folder with `gguf_file=`: transformers dequantizes it."""
+    gguf = name.endswith(".gguf")
     try:
+        if gguf:
+            return load(os.path.dirname(os.path.abspath(name)), *args,
+                        gguf_file=os.path.basename(name), **kwargs)
         return load(name, *args, **kwargs)
     except (OSError, ValueError) as error:  # ValueError: a missing config, an unknown model
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
-        raise InputError(f"{flag} {name}: cannot load it ({reason}). Check the name, the network, "
-                         "and access (a gated repository needs `hf auth login`).") from None
+        fix = ("transformers reads the GGUF architectures and quantizations it knows, with "
+               "`pip install gguf`" if gguf else "Check the name, the network, and access (a "
+               "gated repository needs `hf auth login`)")
+        raise InputError(f"{flag} {name}: cannot load it ({reason}). {fix}.") from None
 
 
 def load_problems(args):
@@ -1831,9 +1842,11 @@ SYSTEM_PROMPT = "Let's think step by step and output the final answer within \\b
 
 
 def model_flag(text):
-    """A saved-model folder (with config.json) or a hub id ("name" or "owner/name")."""
+    """A saved-model folder (with config.json), a .gguf file or a hub id ("name" or "owner/name")."""
     if os.path.isdir(text) and not os.path.isfile(os.path.join(text, "config.json")):
         raise argparse.ArgumentTypeError(f"{text}: no config.json (not saved by save_pretrained)")
+    if os.path.isfile(text) != text.endswith(".gguf"):  # a file, or a name, but not both
+        raise argparse.ArgumentTypeError(f"{text}: a model file must be an existing .gguf file")
     if not os.path.exists(text) and not re.fullmatch(r"\w[\w.-]*(/\w[\w.-]*)?", text):
         raise argparse.ArgumentTypeError(f"{text}: no such folder, and not a hub id")
     return text
@@ -1878,7 +1891,7 @@ def add_train_parser(sub):
                         description="GRPO or λ-GRPO on a causal LM and a math dataset (Table 2's "
                         "setup) on one GPU; paper values as defaults.")
     arg = tr.add_argument
-    arg("--model", type=model_flag, required=True, help="hub id or saved folder")
+    arg("--model", type=model_flag, required=True, help="hub id, saved folder or .gguf file")
     arg("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
         help="auto: bfloat16 on a GPU, float32 on a CPU")
     arg("--trust-remote-code", action="store_true", help="run the model repository's own code")
@@ -1985,6 +1998,9 @@ def main(argv=None):
         parser.error("plot needs matplotlib: pip install matplotlib")
     if getattr(args, "lora_r", 0) and find_spec("peft") is None:
         parser.error("--lora-r needs peft: pip install peft")
+    for flag in ("model", "toy_model"):
+        if (getattr(args, flag, None) or "").endswith(".gguf") and find_spec("gguf") is None:
+            parser.error(f"--{flag.replace('_', '-')}: a .gguf file needs gguf: pip install gguf")
     if args.command == "train" and args.eval_split and args.eval_fraction:
         parser.error("--eval-split and --eval-fraction both name the held-out problems")
     if args.command == "train" and args.eval_every and not (args.eval_split or args.eval_fraction):
