@@ -35,6 +35,7 @@ import sys
 import textwrap
 import threading
 import time
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -706,8 +707,8 @@ def toy_sweep(args):
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             runs = list(tqdm(pool.imap(toy_job, jobs), total=len(jobs), desc="toy runs"))
-    else:
-        runs = [toy_run(**job) for job in tqdm(jobs, desc="toy runs")]
+    else:  # the bar wraps the runs, so an error in one closes it before the error is printed
+        runs = list(tqdm(map(toy_job, jobs), total=len(jobs), desc="toy runs"))
     last = min(50, args.steps)
     result = {"config": {k: v for k, v in vars(args).items() if k != "command"}, "cells": []}
     for n, r in cells:
@@ -967,8 +968,7 @@ def setup_training(args, device, resume_from):
         enable = getattr(model, "activation_checkpointing_enable", None)
         (enable or model.gradient_checkpointing_enable)()
     trainable = [p for p in model.parameters() if p.requires_grad]
-    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay,
-                                  fused=True)
+    optimizer = torch.optim.AdamW(trainable, lr=args.lr, weight_decay=args.weight_decay, fused=True)
     return model, reference, tokenizer, optimizer
 
 
@@ -994,11 +994,13 @@ def add_lora(args, model, resume_from):
     """LoRA adapters on every linear layer (the authors' r = 64, α = 128), or the checkpoint's.
     LoRA dropout stays 0 (the authors': 0.05) for the same reason as the model's."""
     import peft
-    if resume_from:
-        return peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
-    config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
-                             target_modules="all-linear", task_type="CAUSAL_LM")
-    return peft.get_peft_model(model, config)
+    with warnings.catch_warnings():  # peft 0.21 reads a property transformers 5.x deprecates
+        warnings.filterwarnings("ignore", "`is_gradient_checkpointing`", FutureWarning)
+        if resume_from:
+            return peft.PeftModel.from_pretrained(model, resume_from, is_trainable=True)
+        config = peft.LoraConfig(r=args.lora_r, lora_alpha=args.lora_alpha, lora_dropout=0.0,
+                                 target_modules="all-linear", task_type="CAUSAL_LM")
+        return peft.get_peft_model(model, config)
 
 
 def eos_token_ids(tokenizer, model):
@@ -1885,11 +1887,17 @@ def device_flag(text):
     return text
 
 
+class DefaultsOnce(argparse.ArgumentDefaultsHelpFormatter):
+    """Each flag's default once: none for a required flag, a None default or one the help gives."""
+    def _get_help_string(self, action):
+        given = action.required or action.default is None or "default:" in (action.help or "")
+        return action.help if given else super()._get_help_string(action)
+
+
 def add_train_parser(sub):
-    tr = sub.add_parser("train", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-                        help="GRPO / λ-GRPO on a causal LM and a math dataset",
-                        description="GRPO or λ-GRPO on a causal LM and a math dataset (Table 2's "
-                        "setup) on one GPU; paper values as defaults.")
+    tr = sub.add_parser("train", formatter_class=DefaultsOnce, help="GRPO / λ-GRPO on a causal LM "
+                        "and a math dataset", description="GRPO or λ-GRPO on a causal LM and a "
+                        "math dataset (Table 2's setup) on one GPU; paper values as defaults.")
     arg = tr.add_argument
     arg("--model", type=model_flag, required=True, help="hub id, saved folder or .gguf file")
     arg("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
@@ -1945,7 +1953,7 @@ def build_parser():
     p = argparse.ArgumentParser(prog="lgrpo.py", description="λ-GRPO (Sullivan & Koller, "
                                 "arXiv:2509.21154). With no command: the toy of Table 1.")
     sub = p.add_subparsers(dest="command")
-    toy = sub.add_parser("toy", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    toy = sub.add_parser("toy", formatter_class=DefaultsOnce,
                          help="Table 1 on the binary-tree toy (the default command)",
                          description="Table 1 on the binary-tree toy, the default command. "
                          "Others: verify, train, plot, plot-toy (python lgrpo.py COMMAND --help).")

@@ -22,6 +22,7 @@ import re
 import shutil
 import subprocess
 import sys
+import warnings
 from fractions import Fraction
 from pathlib import Path
 
@@ -1577,6 +1578,16 @@ def test_toy_cli_with_a_saved_causal_lm_on_the_cpu(tiny_llama, tmp_path):
     assert result["config"]["device"] == "cpu" and result["config"]["toy_model"] == str(tiny_llama)
     assert len(result["cells"][0]["lambda"]["curves"][0]) == 2
 
+
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_toy_model_that_cannot_load_is_the_last_line_of_stderr(tmp_path, workers):
+    # The progress bar is closed before the error is printed, not redrawn under it at exit.
+    (tmp_path / "config.json").write_text('{"model_type": "not-a-model"}')
+    proc = run_cli_failing("toy", "--toy-model", tmp_path, "--steps", 1, "--seeds", 1, "--n", 1,
+                           "--r-neg=-1", "--workers", workers, env={"HF_HUB_OFFLINE": "1"})
+    error = one_line_error(proc)
+    assert "--toy-model" in error and proc.stderr.strip().splitlines()[-1] == error
+
 # ================================================================================================
 # 7. Training an LLM: the CLI end to end on a tiny model
 # ================================================================================================
@@ -1840,6 +1851,21 @@ def test_lora_without_peft_is_a_clear_error(tiny_llama, arithmetic_jsonl, tmp_pa
     error = flag_error(train_args(tiny_llama, arithmetic_jsonl, out, "--steps", 1, "--lora-r", 4),
                        capsys)
     assert "--lora-r" in error and "pip install peft" in error and not out.exists()
+
+
+def test_lora_train_and_resume_print_no_warning_of_peft(tiny_llama, arithmetic_jsonl, tmp_path,
+                                                         capsys):
+    # peft 0.21's get_peft_model and PeftModel.from_pretrained (the resume path) read transformers
+    # 5's deprecated is_gradient_checkpointing: a FutureWarning the user can do nothing about.
+    pytest.importorskip("peft")
+    args = train_args(tiny_llama, arithmetic_jsonl, tmp_path / "run", "--lora-r", 4,
+                      "--lora-alpha", 8, "--max-new-tokens", 4, "--save-every", 1)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        lgrpo.main([*args, "--steps", 1])
+        lgrpo.main([*args, "--steps", 2, "--resume"])
+    assert [f"{w.category.__name__}: {w.message}" for w in caught] == []
+    assert "Warning" not in capsys.readouterr().err
 
 
 def test_a_non_finite_loss_stops_the_run_before_it_is_logged_or_saved(
@@ -3802,6 +3828,24 @@ def test_help_shows_the_toy_flags_the_other_commands_and_the_defaults(capsys):
     train = help_text("train", capsys)
     assert "--temperature" in train and "default: 0.75" in train
     assert "Theorem 1" in help_text("verify", capsys)
+
+
+@pytest.mark.parametrize("command", ["toy", "verify", "train", "plot", "plot-toy"])
+def test_help_gives_each_default_once_and_none_for_a_required_flag(capsys, command):
+    # argparse adds "(default: ...)" only where the help does not say the default in words, and
+    # never "None": an unset flag's help says what happens, a required flag has no default.
+    with pytest.raises(SystemExit) as exit_info:
+        lgrpo.main([command, "--help"])
+    assert exit_info.value.code == 0
+    options = capsys.readouterr().out.split("\noptions:\n")[1]
+    entries = [" ".join(entry.split()) for entry in re.split(r"\n(?=  -)", options)]
+    assert entries[0].startswith("-h, --help")
+    for entry in entries:
+        assert "default: None" not in entry and entry.count("default:") <= 1, entry
+        if entry.startswith(("--model ", "--dataset ", "--out ")):  # the required flags
+            assert "default:" not in entry, entry
+    if command in ("toy", "train"):  # a default the help leaves out is still shown
+        assert any(e.startswith("--steps ") and "default:" in e for e in entries)
 
 
 def test_unexpected_errors_keep_their_traceback(monkeypatch):
