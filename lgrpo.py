@@ -642,6 +642,12 @@ def toy_policy(name_or_path, seed, device="cpu"):
     return model.eval(), start, actions
 
 
+def toy_target(actions, seed):
+    """The target path T of a seed: both losses face the same tree."""
+    coin = torch.Generator().manual_seed(seed)
+    return torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=coin)]
+
+
 def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None,
             device="cpu"):
     """One run on the tree of Table 1: per step, the share of sampled paths equal to T
@@ -656,9 +662,7 @@ def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=
     try:
         seed_everything(seed)
         model, start, actions = toy_policy(toy_model, seed, device)
-        coin = torch.Generator().manual_seed(seed)  # T depends on the seed only: both losses
-        target = torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=coin)]
-        target = target.to(device)                  # face the same tree
+        target = toy_target(actions, seed).to(device)
         optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0, fused=True)
         prompt = torch.tensor([[start]], device=device)
         attention = torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long, device=device)
@@ -690,9 +694,10 @@ def toy_job(job):
     return toy_run(**job)
 
 
-def toy_sweep(args):
+def toy_sweep(args, run=toy_job):
     """Table 1: every (n, r_neg) cell × {GRPO, λ-GRPO} × seeds, in parallel processes. Prints the
-    table; writes the result with per-seed curves to --json and its figure to --plot."""
+    table; writes the result with per-seed curves to --json and its figure to --plot. `run`: what
+    each job goes through (smollm2.py's keeps each run's result, to resume a long sweep)."""
     import multiprocessing
     from tqdm import tqdm
     if args.device == "auto":  # the tiny default policy is faster on the CPU than on a GPU
@@ -706,9 +711,9 @@ def toy_sweep(args):
     workers = min(args.workers or os.cpu_count(), len(jobs))
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
-            runs = list(tqdm(pool.imap(toy_job, jobs), total=len(jobs), desc="toy runs"))
+            runs = list(tqdm(pool.imap(run, jobs), total=len(jobs), desc="toy runs"))
     else:  # the bar wraps the runs, so an error in one closes it before the error is printed
-        runs = list(tqdm(map(toy_job, jobs), total=len(jobs), desc="toy runs"))
+        runs = list(tqdm(map(run, jobs), total=len(jobs), desc="toy runs"))
     last = min(50, args.steps)
     result = {"config": {k: v for k, v in vars(args).items() if k != "command"}, "cells": []}
     for n, r in cells:

