@@ -1409,7 +1409,9 @@ def from_hub(flag, load, name, *args, **kwargs):
             return load(os.path.dirname(os.path.abspath(name)), *args,
                         gguf_file=os.path.basename(name), **kwargs)
         return load(name, *args, **kwargs)
-    except (OSError, ValueError) as error:  # ValueError: a missing config, an unknown model
+    # ValueError: a missing config, an unknown model; a damaged .gguf fails in more ways (a file
+    # cut off raises struct.error), all of them one line here.
+    except Exception if gguf else (OSError, ValueError) as error:
         reason = (str(error).strip().splitlines() or [type(error).__name__])[0]
         fix = ("transformers reads the GGUF architectures and quantizations it knows, with "
                "`pip install gguf`" if gguf else "Check the name, the network, and access (a "

@@ -28,6 +28,7 @@ import json
 import math
 import os
 import random
+import re
 import subprocess
 import sys
 from importlib.util import find_spec
@@ -60,6 +61,14 @@ def arithmetic_problems(count=600, seed=0, largest=20):
     random.Random(seed).shuffle(problems)
     return [{"question": f"What is {a}{op}{b}?", "answer": str(a + b if op == "+" else a * b)}
             for a, op, b in problems[:count]]
+
+
+def final_number(completion, reference):
+    """The study's reward (`--reward smollm2:final_number`): 1.0 when the last number in the
+    completion is the reference, else 0.0. Math-Verify, the default, also accepts an expression
+    equal to the answer, so a completion that only restates "7 + 12" would score 1 for 19."""
+    numbers = re.findall(r"-?\d+(?:\.\d+)?", completion.replace(",", ""))
+    return float(bool(numbers) and float(numbers[-1]) == float(reference))
 
 
 def write_jsonl(path, rows):

@@ -19,6 +19,7 @@ import math
 import os
 import random
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -3067,6 +3068,8 @@ REWARD_CASES = [
                  **library_limit("a corrected answer: both boxes are read as the set {3, 4}")),
     pytest.param(r"$\boxed{0.\overline{3}}$", r"$\boxed{\frac{1}{3}}$", 1.0,
                  **library_limit("a repeating decimal \\overline is not parsed")),
+    pytest.param("To find 7 + 12, we", "19", 0.0,  # SmolLM2's opening, the question restated
+                 **library_limit("an expression equal to the answer counts as the answer")),
     pytest.param("The answer is 3.2e-3.", r"$\boxed{0.0032}$", 1.0,
                  **library_limit("e-notation in prose is read as 3.2")),
     pytest.param(r"$\boxed{(1,2)}$", r"$\boxed{\{1,2\}}$", 0.0,
@@ -3438,6 +3441,7 @@ def test_a_malformed_data_file_is_one_line_on_the_command_line(tiny_llama, tmp_p
 @pytest.mark.parametrize("flag, path", [
     ("--model", "{tmp}/no/such/model"), ("--model", "{tmp}"), ("--model", "./models/qwen"),
     ("--dataset", "{tmp}/missing.jsonl"), ("--dataset", "{tmp}"),
+    ("--model", "{tmp}/missing.gguf"), ("--model", "{tmp}/weights.bin"),  # a file: only .gguf
 ])
 def test_a_missing_local_path_is_named_before_anything_loads(tiny_llama, arithmetic_jsonl,
                                                              tmp_path, monkeypatch, capsys, flag,
@@ -3446,6 +3450,7 @@ def test_a_missing_local_path_is_named_before_anything_loads(tiny_llama, arithme
     # file that is not there or not a data file: argparse refuses the flag.
     args = train_args(tiny_llama, arithmetic_jsonl, tmp_path / "run", "--steps", 1)
     args[args.index(flag) + 1] = path.format(tmp=tmp_path)
+    (tmp_path / "weights.bin").write_bytes(b"\0" * 8)
     forbid(monkeypatch, "load_problems", "run_folder", "load_causal_lm")
     error = flag_error(args, capsys)
     assert f"argument {flag}" in error and path.format(tmp=tmp_path) in error
@@ -3463,6 +3468,39 @@ def test_a_hub_name_that_cannot_be_reached_is_one_line_and_leaves_no_run_folder(
     error = one_line_error(run_cli_failing(*args, env={"HF_HUB_OFFLINE": "1"}))
     assert error.startswith(f"lgrpo: error: {flag} {name}: cannot load it")
     assert not out.exists()
+
+
+@pytest.mark.parametrize("flag", ["--model", "--toy-model"])
+def test_a_gguf_file_that_cannot_be_read_is_one_line(tiny_llama, arithmetic_jsonl, tmp_path,
+                                                     flag):
+    # Not a GGUF file at all, and one cut off: transformers' error as one line naming the flag
+    # and the package that reads GGUF.
+    for content in (b"not a model", (smollm2.gguf_path() and open(smollm2.gguf_path(), "rb")
+                                     .read(1 << 20)) or b"GGUF\3\0\0\0"):
+        bad = tmp_path / "bad.gguf"
+        bad.write_bytes(content)
+        args = (train_args(tiny_llama, arithmetic_jsonl, tmp_path / "run", "--steps", 1)
+                if flag == "--model" else ["toy", "--steps", 1, "--seeds", 1, "--n", 1,
+                                           "--r-neg", -1, "--workers", 1])
+        args = [a if a != tiny_llama else bad for a in args] + (
+            ["--toy-model", bad] if flag == "--toy-model" else [])
+        error = one_line_error(run_cli_failing(*args))
+        assert error.startswith(f"lgrpo: error: {flag} {bad}: cannot load it")
+        assert "pip install gguf" in error and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flag", ["--model", "--toy-model"])
+def test_a_gguf_file_without_the_gguf_package_names_the_install(tiny_llama, arithmetic_jsonl,
+                                                                tmp_path, monkeypatch, capsys,
+                                                                flag):
+    monkeypatch.setitem(sys.modules, "gguf", None)  # as if gguf were not installed
+    forbid(monkeypatch, "run_folder", "load_problems", "load_causal_lm", "toy_sweep")
+    model = tmp_path / "model.gguf"
+    model.write_bytes(b"GGUF")
+    args = (train_args(model, arithmetic_jsonl, tmp_path / "run", "--steps", 1)
+            if flag == "--model" else ["toy", "--toy-model", model])
+    error = flag_error(args, capsys)
+    assert flag in error and "pip install gguf" in error and not (tmp_path / "run").exists()
 
 
 def test_from_hub_turns_a_hub_failure_into_one_line_that_names_the_flag():
@@ -4338,13 +4376,21 @@ def train_commands(markdown):
     return commands
 
 
+SMOLLM2_PATH = '"$(python smollm2.py path)"'  # the README's --model for SmolLM2 from PyPI
+
+
 def test_the_readme_and_the_tutorial_give_the_same_valid_train_commands():
     nb = pytest.importorskip("nbformat").read(REPO_DIR / "tutorial.ipynb", as_version=4)
     tutorial = train_commands("\n".join(c.source for c in nb.cells if c.cell_type == "markdown"))
     readme = train_commands((REPO_DIR / "README.md").read_text(encoding="utf-8"))
-    assert len(readme) == 2 and sorted(tutorial) == sorted(readme), (tutorial, readme)
+    assert len(readme) == 3 and sorted(tutorial) == sorted(readme), (tutorial, readme)
+    assert sum(SMOLLM2_PATH in command for command in readme) == 1
     for command in readme:  # every flag exists and every value passes its check
-        args = lgrpo.build_parser().parse_args(command.split()[2:])
+        if SMOLLM2_PATH in command:
+            if smollm2.gguf_path() is None:
+                continue
+            command = command.replace(SMOLLM2_PATH, smollm2.gguf_path())
+        args = lgrpo.build_parser().parse_args(shlex.split(command)[2:])
         assert args.command == "train" and args.model and args.output_dir.startswith("runs/")
 
 
