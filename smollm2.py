@@ -293,9 +293,11 @@ def table2(args, train_argv):
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 
+# The study's train flags: those of the README's SmolLM2 command (docs/smollm2.md).
 TABLE2_TRAIN = ["--eval-fraction", "0.2", "--eval-every", "10", "--eval-size", "60",
-                "--system-prompt", SYSTEM_PROMPT, "--max-new-tokens", "32", "--lora-r", "16",
-                "--lora-alpha", "32", "--lr", "1e-4", "--save-every", "10"]
+                "--reward", "smollm2:final_number", "--system-prompt", SYSTEM_PROMPT,
+                "--max-new-tokens", "32", "--lora-r", "16", "--lora-alpha", "32", "--lr", "1e-4",
+                "--save-every", "10"]
 
 
 def build_parser():
