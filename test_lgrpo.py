@@ -3902,6 +3902,8 @@ def test_unexpected_errors_keep_their_traceback(monkeypatch):
     (["--rounds", "0"], "--rounds"),
     (["--trl-steps", "two"], "--trl-steps"),
     (["--json", "/no/such/folder/bench.json"], "--json"),
+    (["--smollm2-rounds", "0"], "--smollm2-rounds"),
+    (["--models", "gpt2"], "--models"),
 ])
 def test_a_bad_bench_flag_is_refused_before_anything_is_timed(monkeypatch, capsys, argv, flag):
     import bench
@@ -4058,6 +4060,43 @@ def test_bench_quick_smoke(tmp_path):
         assert "5. Training step in s, lgrpo against TRL" in proc.stdout
         assert "Math-Verify, lgrpo's default reward, timed alone" in proc.stdout
         assert "train_runtime" not in proc.stdout  # TRL's own printout stays in its worker
+
+
+def test_bench_gives_trl_the_prompts_lgrpo_encodes():
+    """Table 5's TRL runs get plain text that TRL tokenizes (no template, no BOS of its own) into
+    lgrpo's very prompt ids: without a chat template the BOS is left to the tokenizer; with one,
+    the template's special tokens stay in the text; a BOS the tokenizer would add is refused."""
+    import bench
+    from tokenizers import processors
+    tok = lgrpo.char_tokenizer()
+    tok.pad_token, tok.padding_side = tok.eos_token, "left"
+    questions = ["What is 1+2?", "What is 10+11?"]  # two lengths: a padded row
+    enc = lgrpo.encode_prompts(tok, questions, "Be brief.", "cpu")
+    texts, ids = bench.trl_prompts(tok, enc)
+    assert texts == [f"Be brief.\n\n{q}\n" for q in questions]
+    assert ids == [row[mask.bool()].tolist() for row, mask in
+                   zip(enc["input_ids"], enc["attention_mask"])] == tok(texts)["input_ids"]
+    tok.chat_template = "{% for m in messages %}<s>{{ m['content'] }}\n{% endfor %}"
+    enc = lgrpo.encode_prompts(tok, questions, "Be brief.", "cpu")
+    with pytest.raises(AssertionError, match="a BOS added"):  # the tokenizer adds <s> again
+        bench.trl_prompts(tok, enc)
+    tok.backend_tokenizer.post_processor = processors.TemplateProcessing(single="$A")
+    texts, ids = bench.trl_prompts(tok, enc)
+    assert texts == [f"<s>Be brief.\n<s>{q}\n" for q in questions]
+    assert tok(texts)["input_ids"] == ids and all(row.count(0) == 2 for row in ids)
+
+
+def test_bench_smollm2_row_says_why_it_is_skipped(monkeypatch, tmp_path, capsys):
+    pytest.importorskip("trl")
+    import bench
+    import smollm2
+    monkeypatch.setattr(smollm2, "gguf_path", lambda: None)
+    args = bench.build_parser().parse_args(["--models", "smollm2"])
+    result, workers = {}, {}
+    bench.trl_table(args, torch.device("cpu"), result, str(tmp_path), workers, "unused:reward")
+    assert result == {"trl_smollm2": {"skipped": f"SmolLM2 is not installed: {smollm2.INSTALL}"}}
+    assert workers == {}  # nothing started
+    assert f"SmolLM2 is not installed ({smollm2.INSTALL})" in capsys.readouterr().out
 
 
 # The tutorial's stored outputs against a fresh run, compared the way a reader reads them. Versions
