@@ -1631,7 +1631,9 @@ def save_checkpoint(args, step, model, tokenizer, optimizer):
     final = os.path.join(args.output_dir, f"checkpoint-{step}")
     tmp = os.path.join(args.output_dir, f".tmp-checkpoint-{step}")
     shutil.rmtree(tmp, ignore_errors=True)
-    model.save_pretrained(tmp)
+    with warnings.catch_warnings():  # peft 0.21, on a LoRA of a .gguf: its folder has no config
+        warnings.filterwarnings("ignore", "Could not find a config file", UserWarning)
+        model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     torch.save({"step": step, "optimizer": optimizer.state_dict(), "args": vars(args),
                 "torch_rng": torch.get_rng_state(), "cuda_rng": torch.cuda.get_rng_state_all()},

@@ -293,6 +293,7 @@ def table2(args, train_argv):
 # ──────────────────────────────────────────────────────────────────────────────────────────────
 
 
+PROBLEMS = lgrpo.flag_type(int, lambda v: 1 <= v <= 800, "from 1 to 800 (distinct problems)")
 # The study's train flags: those of the README's SmolLM2 command (docs/smollm2.md).
 TABLE2_TRAIN = ["--eval-fraction", "0.2", "--eval-every", "10", "--eval-size", "60",
                 "--reward", "smollm2:final_number", "--system-prompt", SYSTEM_PROMPT,
@@ -301,32 +302,36 @@ TABLE2_TRAIN = ["--eval-fraction", "0.2", "--eval-every", "10", "--eval-size", "
 
 
 def build_parser():
-    parser = argparse.ArgumentParser(prog="smollm2.py", description="SmolLM2-135M-Instruct from "
-                                     "PyPI: its file, its problems, the paper's experiments on it")
+    parser = argparse.ArgumentParser(
+        prog="smollm2.py",
+        description="SmolLM2-135M-Instruct from PyPI: its file, its problems, the paper's "
+        "experiments on it")
     sub = parser.add_subparsers(dest="command", required=True)
     sub.add_parser("path", help="print the .gguf file's path")
     data = sub.add_parser("data", help="write arithmetic problems as a .jsonl file")
     data.add_argument("out", help="the .jsonl file to write")
-    data.add_argument("--count", type=int, default=600, choices=range(1, 801), metavar="1..800",
-                      help="how many problems")
-    data.add_argument("--seed", type=int, default=0, help="the shuffle's seed")
+    data.add_argument("--count", type=PROBLEMS, default=600, help="how many problems")
+    data.add_argument("--seed", type=lgrpo.NATURAL, default=0, help="the shuffle's seed")
     policy = sub.add_parser("policy", help="P(T) and entropy per step before training")
-    policy.add_argument("--seeds", type=int, default=5, help="seeds 0 … N-1, as the table's")
+    policy.add_argument("--seeds", type=lgrpo.COUNT, default=5, help="seeds 0 … N-1")
     lr = sub.add_parser("lr", help="the toy's learning rate for SmolLM2, by the fixed rule")
-    lr.add_argument("--grid", type=float, nargs="+", default=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4])
-    lr.add_argument("--seeds", type=int, nargs="+", default=[100, 101, 102], help="pilot seeds")
-    t1 = sub.add_parser("table1", help="the toy with SmolLM2 as the policy; other flags: "
-                        "python lgrpo.py toy's")
+    lr.add_argument("--grid", type=lgrpo.POSITIVE, nargs="+",
+                    default=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4])
+    lr.add_argument("--seeds", type=lgrpo.NATURAL, nargs="+", default=[100, 101, 102],
+                    help="pilot seeds, none of the table's")
+    # The tables pass every other flag on to lgrpo.py: no abbreviations, which would take them.
+    t1 = sub.add_parser("table1", allow_abbrev=False, help="the toy with SmolLM2 as the policy; "
+                        "other flags: python lgrpo.py toy's")
     t1.add_argument("--out", required=True, help="folder: table1.json, table1.png, runs/")
-    t2 = sub.add_parser("table2", help="GRPO against λ-GRPO on SmolLM2; other flags: "
-                        "python lgrpo.py train's, after the study's own (TABLE2_TRAIN)")
+    t2 = sub.add_parser("table2", allow_abbrev=False, help="GRPO against λ-GRPO on SmolLM2; "
+                        "other flags: python lgrpo.py train's, after the study's (TABLE2_TRAIN)")
     t2.add_argument("--out", required=True, help="folder: a run folder per loss and seed")
     t2.add_argument("--model", help="default: SmolLM2's .gguf file")
-    t2.add_argument("--data", help="default: OUT/arithmetic.jsonl, written by `data`")
-    t2.add_argument("--seeds", type=int, default=3)
-    t2.add_argument("--seed", type=int, default=0, help="first seed")
-    t2.add_argument("--steps", type=int, default=60)
-    t2.add_argument("--window", type=int, default=10, help="steps of the first/last means")
+    t2.add_argument("--data", help="default: OUT/arithmetic.jsonl, written as `data` writes it")
+    t2.add_argument("--seeds", type=lgrpo.COUNT, default=3, help="seeds per loss")
+    t2.add_argument("--seed", type=lgrpo.NATURAL, default=0, help="first seed")
+    t2.add_argument("--steps", type=lgrpo.COUNT, default=60, help="steps per run")
+    t2.add_argument("--window", type=lgrpo.COUNT, default=10, help="steps of the first/last means")
     return parser
 
 
