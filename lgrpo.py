@@ -988,8 +988,9 @@ def load_causal_lm(flag, name_or_path, dtype, device, trust_remote_code=False):
             setattr(config, key, 0.0)
     model = from_hub(flag, AutoModelForCausalLM.from_pretrained, name_or_path, config=config,
                      trust_remote_code=trust_remote_code, dtype=dtype)
-    if name_or_path.endswith(".gguf"):  # dequantized, yet marked quantized: save_pretrained
-        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)  # would refuse it
+    if name_or_path.endswith(".gguf"):
+        # Dequantized, but still marked quantized, which save_pretrained refuses: made plain.
+        plain = AutoModelForCausalLM.from_config(config, dtype=dtype)
         plain.load_state_dict(model.state_dict())
         model = plain
     return model.to(device)

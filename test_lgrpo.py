@@ -4418,7 +4418,7 @@ def train_commands(markdown):
 SMOLLM2_PATH = '"$(python smollm2.py path)"'  # the README's --model for SmolLM2 from PyPI
 
 
-def test_the_readme_and_the_tutorial_give_the_same_valid_train_commands():
+def test_the_readme_and_the_tutorial_give_the_same_valid_train_commands(tmp_path, monkeypatch):
     nb = pytest.importorskip("nbformat").read(REPO_DIR / "tutorial.ipynb", as_version=4)
     tutorial = train_commands("\n".join(c.source for c in nb.cells if c.cell_type == "markdown"))
     readme = train_commands((REPO_DIR / "README.md").read_text(encoding="utf-8"))
@@ -4429,6 +4429,8 @@ def test_the_readme_and_the_tutorial_give_the_same_valid_train_commands():
             if smollm2.gguf_path() is None:
                 continue
             command = command.replace(SMOLLM2_PATH, smollm2.gguf_path())
+            monkeypatch.chdir(tmp_path)  # where `python smollm2.py data` wrote its file
+            smollm2.main(["data", "runs/arithmetic.jsonl"])
         args = lgrpo.build_parser().parse_args(shlex.split(command)[2:])
         assert args.command == "train" and args.model and args.output_dir.startswith("runs/")
 
