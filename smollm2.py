@@ -159,8 +159,10 @@ def choose_lr(toy_model, grid, seeds, reference_lr=3e-4):
 
 def kept_run(folder, job):
     """lgrpo.toy_job, its result kept in `folder` under the job's name and hash: a rerun of the
-    same sweep reads it back instead of running it again."""
-    key = hashlib.sha256(json.dumps(job, sort_keys=True).encode()).hexdigest()[:12]
+    same sweep reads it back instead of running it again. The hash names the model by its file
+    name, so that kept runs serve on a machine where the file lies elsewhere."""
+    named = dict(job, toy_model=job["toy_model"] and os.path.basename(job["toy_model"]))
+    key = hashlib.sha256(json.dumps(named, sort_keys=True).encode()).hexdigest()[:12]
     path = os.path.join(folder, f"n{job['n']}_r{job['r_neg']}_{job['loss']}_s{job['seed']}_{key}"
                         ".json")
     if os.path.exists(path):
