@@ -174,12 +174,12 @@ def kept_run(folder, job):
 
 
 def table1(out, toy_argv):
-    """lgrpo's toy sweep with each run kept in out/runs, its JSON and figure in out; then how
+    """lgrpo's toy sweep with each run kept in out/kept, its JSON and figure in out; then how
     often each method sampled T in the first 50 steps and ended elsewhere."""
     args = lgrpo.build_parser().parse_args(["toy", *toy_argv, "--json", f"{out}/table1.json",
                                             "--plot", f"{out}/table1.png"])
-    os.makedirs(f"{out}/runs", exist_ok=True)
-    result = lgrpo.toy_sweep(args, run=functools.partial(kept_run, f"{out}/runs"))
+    os.makedirs(f"{out}/kept", exist_ok=True)
+    result = lgrpo.toy_sweep(args, run=functools.partial(kept_run, f"{out}/kept"))
     print("\nSampled T in the first 50 steps, then ended on another kind of path (seeds):")
     for cell in result["cells"]:
         left = {loss: sum(any(c[:50]) and end != "T" for c, end in
@@ -324,7 +324,7 @@ def build_parser():
     # The tables pass every other flag on to lgrpo.py: no abbreviations, which would take them.
     t1 = sub.add_parser("table1", allow_abbrev=False, help="the toy with SmolLM2 as the policy; "
                         "other flags: python lgrpo.py toy's")
-    t1.add_argument("--out", required=True, help="folder: table1.json, table1.png, runs/")
+    t1.add_argument("--out", required=True, help="folder: table1.json, table1.png, kept/")
     t2 = sub.add_parser("table2", allow_abbrev=False, help="GRPO against λ-GRPO on SmolLM2; "
                         "other flags: python lgrpo.py train's, after the study's (TABLE2_TRAIN)")
     t2.add_argument("--out", required=True, help="folder: a run folder per loss and seed")

@@ -3975,7 +3975,7 @@ def test_table1_driver_resumes_to_the_same_table(tiny_llama, tmp_path, monkeypat
     monkeypatch.setattr(lgrpo, "toy_job", interrupted)
     with pytest.raises(RuntimeError, match="cut off"):
         smollm2.main(["table1", "--out", tmp_path / "cut", *map(str, argv)])
-    assert len(os.listdir(tmp_path / "cut" / "runs")) == 2
+    assert len(os.listdir(tmp_path / "cut" / "kept")) == 2
     monkeypatch.setattr(lgrpo, "toy_job", lambda job: ran.append(job) or toy_job(job))
     smollm2.main(["table1", "--out", tmp_path / "cut", *map(str, argv)])
     assert len(ran) == 2 + 2  # the two kept runs were read back, not run again
