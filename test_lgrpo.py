@@ -3956,6 +3956,23 @@ def test_path_distribution_against_sampling_by_hand():
     assert all(abs(h - e) < 1e-6 for h, e in zip(entropy, expected_entropy))
 
 
+@pytest.mark.parametrize("argv, flag", [
+    (["data", "x.jsonl", "--count", 0], "--count"),
+    (["data", "x.jsonl", "--count", 801], "--count"),
+    (["policy", "--seeds", 0], "--seeds"), (["lr", "--grid", 0], "--grid"),
+    (["table2", "--out", "x", "--seeds", 0], "--seeds"),
+    (["table2", "--out", "x", "--steps", -1], "--steps"),
+    (["path", "--lr", 1], "--lr"),  # only the tables pass flags on to lgrpo.py
+])
+def test_driver_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, argv, flag):
+    monkeypatch.chdir(tmp_path)
+    forbid(monkeypatch, "toy_sweep", "toy_policy", "load_causal_lm")
+    with pytest.raises(SystemExit) as exit_info:
+        smollm2.main(argv)
+    assert exit_info.value.code == 2 and flag in capsys.readouterr().err.splitlines()[-1]
+    assert os.listdir(tmp_path) == []
+
+
 def driver_toy_argv(tiny_llama):
     return ["--toy-model", tiny_llama, "--device", "cpu", "--steps", 3, "--seeds", 2, "--n", 1,
             "--r-neg", -1.0, "--workers", 1]
