@@ -4001,7 +4001,7 @@ def test_table1_driver_resumes_to_the_same_table(tiny_llama, tmp_path, monkeypat
 
 
 def test_table2_driver_resumes_to_the_same_table(tiny_llama, tmp_path):
-    argv = ["--model", tiny_llama, "--seeds", 1, "--steps", 2, "--window", 1, "--lora-r", 0,
+    argv = ["--model", tiny_llama, "--seeds", 2, "--steps", 2, "--window", 1, "--lora-r", 0,
             "--max-new-tokens", 4, "--group-size", 2, "--prompts-per-step", 1,
             "--eval-every", 1, "--eval-size", 4, "--save-every", 1]
     out = tmp_path / "study"
@@ -4019,6 +4019,12 @@ def test_table2_driver_resumes_to_the_same_table(tiny_llama, tmp_path):
     assert (out / "grpo-s0" / "metrics.jsonl").stat().st_mtime_ns == done
     assert json.loads((out / "table2.json").read_text()) == whole
     assert whole["lambda"]["steps"] == [1, 2] and is_png(out / "table2.png")
+    assert is_png(out / "runs.png") and len(whole["base_accuracy"]["per_seed"]) == 2
+    peaks = [max(range(2), key=lambda i: (curve[i], -i)) for loss in ("grpo", "lambda")
+             for curve in whole[loss]["per_seed"]]  # the first peak, per loss and seed
+    assert whole["grpo"]["peak_step"][0] == pytest.approx((peaks[0] + peaks[1]) / 2 + 1)
+    assert whole["difference"]["peak_step"][0] == pytest.approx(
+        (peaks[2] + peaks[3] - peaks[0] - peaks[1]) / 2)
 
 
 # ================================================================================================
