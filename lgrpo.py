@@ -16,8 +16,7 @@ Then an appendix of plumbing, not needed to understand λ-GRPO.
 
 Shapes: B completions in groups of G consecutive rows (rows g·G … g·G+G−1 answer prompt g), T
 completion positions. Completions are right-padded; `completion_mask` is 1 on real tokens,
-including the terminating EOS, and is the only source of truth about padding.
-"""
+including the terminating EOS, and is the only source of truth about padding."""
 
 import argparse
 import contextlib
@@ -72,8 +71,7 @@ def completion_mask(completion_ids, eos_token_ids, stop_lengths=None):
     ended it, `stop_lengths`, > T where none did), 0 after; rows that ended with neither.
 
     Read from the first EOS, never from `!= pad_token_id`: with pad = eos that would drop the real
-    EOS from the loss, and the model would never learn to stop.
-    """
+    EOS from the loss, and the model would never learn to stop."""
     eos = torch.tensor(sorted(eos_token_ids), device=completion_ids.device)
     is_eos = torch.isin(completion_ids, eos)
     mask = (is_eos.cumsum(1) - is_eos.long()) == 0  # no EOS strictly before t
@@ -90,8 +88,7 @@ def group_advantages(rewards, group_size, eps=1e-4):
 
     The sample (n−1) std, as in the paper's worked example. A group whose rewards are all equal
     carries no signal: its advantages are exactly 0, never 0/0. Computed in float64 (a float32
-    sum of rewards near 3e38 overflows), returned in the rewards' dtype.
-    """
+    sum of rewards near 3e38 overflows), returned in the rewards' dtype."""
     r = check_rewards(rewards)
     check_group(len(r), group_size)
     dtype, r = r.dtype, r.double().view(-1, group_size)
@@ -114,8 +111,7 @@ def token_logprobs(model, input_ids, attention_mask, completion_start, temperatu
     TRL). Positions come from the attention mask (prompts are left-padded), as in generate().
     Only the completion's logits are computed, turned into log-probs in chunks of about
     `chunk_tokens` logits; bf16/fp16 chunks are recomputed in the backward pass, so no float32
-    copy of [B, T, V] is ever kept.
-    """
+    copy of [B, T, V] is ever kept."""
     B, T = input_ids.shape[0], input_ids.shape[1] - completion_start
     position_ids = (attention_mask.long().cumsum(-1) - 1).clamp(min=0)
     logits = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -144,8 +140,7 @@ def policy_loss(logp, old_logp, ref_logp, advantages, mask, weights=None, clip_e
     [B] (outcome a_i) or [B, T] (step advantages A_{i,t}). "token" aggregation (the paper's,
     DAPO's): the sum over all real tokens of the batch divided by their number. "sequence": the
     mean over each completion, then over completions. With old_logp = logp.detach(), P is 1 in
-    value and clipping never acts (μ = 1).
-    """
+    value and clipping never acts (μ = 1)."""
     if not logp.shape == old_logp.shape == mask.shape or (
             weights is not None and weights.shape != logp.shape):
         raise ValueError(f"logp {tuple(logp.shape)}, old_logp, mask and weights must all be "
@@ -177,8 +172,7 @@ def grpo_update(model, optimizer, input_ids, attention_mask, completion_start, c
     gives exactly the full-batch gradient. `old_logp` (needed when μ > 1) and `ref_logp` (β > 0)
     are scored at `temperature`, like logp. Returns tensors: loss and clipped share averaged over
     the μ updates, KL(π_old ‖ π_ref), the gradient norm. Raises FloatingPointError, without
-    stepping, on a non-finite loss or gradient norm.
-    """
+    stepping, on a non-finite loss or gradient norm."""
     B, mb = input_ids.shape[0], micro_batch_size or input_ids.shape[0]
     completion_mask = binary_mask(completion_mask)  # once: boolean slices need no check
     n_tokens = completion_mask.sum().clamp(min=1)
@@ -423,8 +417,7 @@ FIGURE1_STEPS = [  # (tokens, members, |λ|, R̂, A)
 
 # The Theorem 1 group: shared prefixes (1 2, 6 6 2), unequal lengths, a duplicate (rows 0 and 2)
 # and a completion that is a prefix of another (row 3 of row 4).
-THEOREM_GROUP = [[1, 2, 3, 4], [1, 2, 5, 6, 7, 3], [1, 2, 3, 4], [6, 6, 2], [6, 6, 2, 5, 1],
-                 [3, 1]]
+THEOREM_GROUP = [[1, 2, 3, 4], [1, 2, 5, 6, 7, 3], [1, 2, 3, 4], [6, 6, 2], [6, 6, 2, 5, 1], [3, 1]]
 THEOREM_REWARDS = [1.0, 0.0, 1.0, 0.0, 0.5, 1.0]
 
 
@@ -451,10 +444,6 @@ def at_most(name, measured, tol, why=""):
     return Check(name, measured, measured <= tol, f"≤ {tol:g}", why)
 
 
-def max_abs_diff(xs, ys):
-    return max((x - y).abs().max().item() for x, y in zip(xs, ys))
-
-
 def figure1_checks():
     """The paper's worked example (Figure 1): every number of both tables to 4 decimals, with
     ε = 0 as the paper computes it."""
@@ -466,7 +455,7 @@ def figure1_checks():
     same = [(" ".join(n.tokens), [k + 1 for k in n.members], n.size) for n in steps] == \
         [row[:3] for row in FIGURE1_STEPS]
     diff = max(max(abs(n.reward - row[3]), abs(n.advantage - row[4]))
-               for n, row in zip(steps, FIGURE1_STEPS))
+               for n, row in zip(steps, FIGURE1_STEPS)) if same else math.inf
     # The vectorized functions must agree with the explicit trie on every token.
     vocab = {t: i for i, t in enumerate(sorted({t for c in completions for t in c}))}
     ids, mask = pad_completions([[vocab[t] for t in c] for c in completions])
@@ -477,18 +466,16 @@ def figure1_checks():
     jkl = next(n for n in steps if n.tokens == ["J", "K", "L"])
     grpo_push = a[jkl.members].sum().item()
     lambda_push = grpo_push / jkl.size
-    return [
-        at_most("Figure 1: mean(r) = 0.416667, sample std = 0.376386", moments, 5e-7),
-        at_most("Figure 1: outcome advantages a_i",
-                max_abs_diff(a, torch.tensor(FIGURE1_ADVANTAGES)), 5e-5),
-        at_most("Figure 1: the 9 process steps, members, |λ|, R̂ and A",
-                diff if same else math.inf, 5e-5),
-        at_most("Figure 1: process_set_sizes and step_advantages agree with the trie",
-                disagree, 1e-12),
-        at_most(f"Figure 1: push on J K L, GRPO {grpo_push:+.4f} (paper −0.6642), "
-                f"λ-GRPO {lambda_push:+.4f} (paper −0.2214)",
-                max(abs(grpo_push + 0.6642), abs(lambda_push + 0.2214)), 5e-5,
-                "J K L M is the best completion, yet GRPO pushes its prefix down 3×")]
+    return [at_most("Figure 1: mean(r) = 0.416667, sample std = 0.376386", moments, 5e-7),
+            at_most("Figure 1: outcome advantages a_i",
+                    (a - torch.tensor(FIGURE1_ADVANTAGES)).abs().max().item(), 5e-5),
+            at_most("Figure 1: the 9 process steps, members, |λ|, R̂ and A", diff, 5e-5),
+            at_most("Figure 1: process_set_sizes and step_advantages agree with the trie",
+                    disagree, 1e-12),
+            at_most(f"Figure 1: push on J K L, GRPO {grpo_push:+.4f} (paper −0.6642), "
+                    f"λ-GRPO {lambda_push:+.4f} (paper −0.2214)",
+                    max(abs(grpo_push + 0.6642), abs(lambda_push + 0.2214)), 5e-5,
+                    "J K L M is the best completion, yet GRPO pushes its prefix down 3×")]
 
 
 def steps_counted_once(logp, old, ref_logp, mask, rewards, beta):
@@ -513,7 +500,7 @@ def compare(name, score, f, g, params, equal, tol, why="", old_logp=None):
         value = loss(logp, logp.detach() if old_logp is None else old_logp)
         results.append((value.detach(), torch.autograd.grad(value, params)))
     (v1, g1), (v2, g2) = results
-    dv, dg = (v1 - v2).abs().item(), max_abs_diff(g1, g2)
+    dv, dg = (v1 - v2).abs().item(), max((x - y).abs().max().item() for x, y in zip(g1, g2))
     if not equal:
         return [Check(f"{name}: value", dv, dv > 1e-6, "> 1e-6: equality breaks", why)]
     return [at_most(f"{name}: value", dv, tol, why),
@@ -648,8 +635,7 @@ def toy_target(actions, seed):
     return torch.tensor(actions)[torch.randint(0, 2, (TOY_DEPTH,), generator=coin)]
 
 
-def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None,
-            device="cpu"):
+def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=None, device="cpu"):
     """One run on the tree of Table 1: per step, the share of sampled paths equal to T
     ("frequency") and the count of each kind of TOY_CLASSES ("counts"). sample_completions →
     tree_rewards → group_advantages → lambda_weights → grpo_update (μ = 1, β = 0). A function
@@ -668,18 +654,16 @@ def toy_run(n, r_neg, loss, seed, steps, group_size, lr, temperature, toy_model=
         attention = torch.ones(group_size, TOY_DEPTH + 1, dtype=torch.long, device=device)
         frequency, counts = [], []
         for _ in range(steps):
-            paths = sample_completions(model, prompt, torch.ones_like(prompt), group_size,
-                                       max_new_tokens=TOY_DEPTH,
-                                       eos_token_id=None, temperature=temperature, top_k=0,
-                                       top_p=1.0, logits_processor=[AllowTokens(actions)])
+            paths = sample_completions(model, prompt, torch.ones_like(prompt), group_size, top_k=0,
+                                       max_new_tokens=TOY_DEPTH, temperature=temperature, top_p=1.0,
+                                       eos_token_id=None, logits_processor=[AllowTokens(actions)])
             mask = torch.ones_like(paths)
             rewards = tree_rewards(paths, target, n, r_neg)
             weights = lambda_weights(paths, mask, group_size) if loss == "lambda" else None
-            grpo_update(model, optimizer,
+            grpo_update(model, optimizer, attention_mask=attention, completion_start=1,
                         input_ids=torch.cat([prompt.expand(group_size, -1), paths], 1),
-                        attention_mask=attention, completion_start=1, completion_mask=mask,
-                        advantages=group_advantages(rewards, group_size), weights=weights,
-                        temperature=temperature)
+                        completion_mask=mask, weights=weights, temperature=temperature,
+                        advantages=group_advantages(rewards, group_size))
             kinds = torch.bincount(path_classes(paths, target, n), minlength=3).tolist()
             frequency.append(kinds[0] / group_size)
             counts.append(kinds)
@@ -886,11 +870,11 @@ def train(args):
                 rows.append({"step": step + 1, "eval_accuracy": evaluate(
                     model, tokenizer, eval_rows[:args.eval_size], reward_fn, args, eos_ids)})
                 tqdm.write(f"step {step + 1}: eval accuracy {rows[-1]['eval_accuracy']:.4f}")
-            append_metrics(os.path.join(args.output_dir, "metrics.jsonl"), rows)
+            with open(os.path.join(args.output_dir, "metrics.jsonl"), "a", encoding="utf-8") as f:
+                f.writelines(json.dumps(r) + "\n" for r in rows)
             bar.set_postfix(reward=f"{row['reward_mean']:.3f}", loss=f"{row['loss']:.4f}")
             if (step + 1) % args.save_every == 0 or step + 1 == args.steps:
-                save_checkpoint(args, step + 1, model=model, tokenizer=tokenizer,
-                                optimizer=optimizer)
+                save_checkpoint(args, step + 1, model, tokenizer, optimizer)
     final = os.path.join(args.output_dir, f"checkpoint-{args.steps}")
     saved = [n for n in os.listdir(args.output_dir) if re.fullmatch(r"checkpoint-\d+", n)]
     print(f"lgrpo: wrote {args.output_dir}: metrics.jsonl, run_config.json and {len(saved)} "
@@ -899,15 +883,14 @@ def train(args):
     return model
 
 
-def train_step(args, step, model, reference, tokenizer, optimizer, problems, reward_fn,
-               eos_ids):
+def train_step(args, step, model, reference, tokenizer, optimizer, problems, reward_fn, eos_ids):
     """One step of `train`: rollouts; rewards, advantages and λ weights; the log-probs of π_old
     and π_ref; μ updates. Returns the step's metrics row."""
     t0, G, device = time.perf_counter(), args.group_size, model.device
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     enc = encode_prompts(tokenizer, [q for q, _ in problems], args.system_prompt, device)
-    completion_ids, mask, truncated = rollout(args, model, tokenizer, enc=enc, eos_ids=eos_ids)
+    completion_ids, mask, truncated = rollout(args, model, tokenizer, enc, eos_ids)
     t1 = time.perf_counter()
     texts = decode_completions(tokenizer, completion_ids, mask)
     rewards, reward_errors = compute_rewards(reward_fn, texts, [a for _, a in problems
@@ -924,10 +907,9 @@ def train_step(args, step, model, reference, tokenizer, optimizer, problems, rew
     try:
         stats = grpo_update(model, optimizer, input_ids=input_ids, attention_mask=attention,
                             completion_start=P, completion_mask=mask, advantages=advantages,
-                            weights=weights, old_logp=old_logp, ref_logp=ref_logp,
-                            updates_per_batch=args.updates_per_batch,
-                            micro_batch_size=args.micro_batch_size, clip_eps=args.clip_eps,
-                            beta=args.beta, aggregation=args.aggregation,
+                            weights=weights, old_logp=old_logp, ref_logp=ref_logp, beta=args.beta,
+                            updates_per_batch=args.updates_per_batch, clip_eps=args.clip_eps,
+                            micro_batch_size=args.micro_batch_size, aggregation=args.aggregation,
                             max_grad_norm=args.max_grad_norm, temperature=args.score_temperature)
     except FloatingPointError as error:
         raise InputError(f"step {step + 1}, {error} Nothing of it was logged or saved; its "
@@ -935,6 +917,10 @@ def train_step(args, step, model, reference, tokenizer, optimizer, problems, rew
                          "reward and --resume, or lower --lr in a new --output-dir.") from None
     if device.type == "cuda":
         torch.cuda.synchronize()
+        peak_mem_mb = torch.cuda.max_memory_allocated() / 2**20
+    else:  # the CPU: the process's peak resident memory
+        import resource
+        peak_mem_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     t3 = time.perf_counter()
     return {"step": step + 1, "reward_mean": rewards.mean().item(),
             "reward_std": rewards.std().item(), "reward_errors": reward_errors,
@@ -946,16 +932,15 @@ def train_step(args, step, model, reference, tokenizer, optimizer, problems, rew
             "zero_std_frac": (advantages.view(-1, G) == 0).all(1).double().mean().item(),
             **trie_stats(completion_ids, mask, G),
             "tokens_per_s": mask.sum().item() / (t3 - t0), "time_gen": t1 - t0,
-            "time_score": t2 - t1, "time_update": t3 - t2, "peak_mem_mb": peak_memory_mb(device)}
+            "time_score": t2 - t1, "time_update": t3 - t2, "peak_mem_mb": peak_mem_mb}
 
 
 def setup_training(args, device, resume_from):
     """The tokenizer, the policy (full or LoRA; from the checkpoint when resuming), the frozen
     reference when β > 0, and the optimizer."""
     from transformers import AutoTokenizer
-    dtype = {"auto": torch.bfloat16 if device.type == "cuda" else torch.float32,
-             "float32": torch.float32, "bfloat16": torch.bfloat16,
-             "float16": torch.float16}[args.dtype]
+    auto = torch.bfloat16 if device.type == "cuda" else torch.float32
+    dtype = auto if args.dtype == "auto" else getattr(torch, args.dtype)
     tokenizer = from_hub("--model", AutoTokenizer.from_pretrained, resume_from or args.model,
                          trust_remote_code=args.trust_remote_code)
     tokenizer.padding_side = "left"
@@ -1019,9 +1004,8 @@ def eos_token_ids(tokenizer, model):
 def rollout(args, model, tokenizer, enc, eos_ids, greedy=False):
     """(completion_ids, mask, truncated): G sampled completions per prompt, or one greedy one
     (evaluation); with --stop-at-boxed each ends, mask included, once its first box closes."""
-    from transformers import StoppingCriteriaList
     P = enc["input_ids"].shape[1]
-    stop = StoppingCriteriaList([StopWhenBoxed(tokenizer, P)]) if args.stop_at_boxed else None
+    stop = [StopWhenBoxed(tokenizer, P)] if args.stop_at_boxed else None
     sampling = {} if greedy else dict(temperature=args.temperature, top_p=args.top_p,
                                       top_k=args.top_k)
     model.eval()
@@ -1087,18 +1071,10 @@ def evaluate(model, tokenizer, problems, reward_fn, args, eos_ids):
     for s in range(0, len(problems), width):
         batch = problems[s:s + width]
         enc = encode_prompts(tokenizer, [q for q, _ in batch], args.system_prompt, model.device)
-        completion_ids, mask, _ = rollout(args, model, tokenizer, enc=enc, eos_ids=eos_ids,
-                                          greedy=True)
+        completion_ids, mask, _ = rollout(args, model, tokenizer, enc, eos_ids, greedy=True)
         texts = decode_completions(tokenizer, completion_ids, mask)
         total += compute_rewards(reward_fn, texts, [ref for _, ref in batch])[0].sum().item()
     return total / max(1, len(problems))
-
-
-def peak_memory_mb(device):
-    if device.type == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource  # the CPU: the process's peak resident memory
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
 def seed_everything(seed):
@@ -1570,8 +1546,7 @@ def resume_checkpoint(args):
         try:
             if not any(os.path.isfile(os.path.join(path, w)) for w in WEIGHT_FILES):
                 raise OSError("no model weights")
-            state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True,
-                               mmap=True)
+            state = torch.load(os.path.join(path, "trainer_state.pt"), weights_only=True, mmap=True)
             break
         except (OSError, RuntimeError, EOFError) as error:
             warn(f"skipped checkpoint-{step}, incomplete ({error}).")
@@ -1650,11 +1625,6 @@ def write_atomically(path, text):
         f.flush()
         os.fsync(f.fileno())
     os.replace(f"{path}.tmp", path)
-
-
-def append_metrics(path, rows):
-    with open(path, "a", encoding="utf-8") as f:
-        f.writelines(json.dumps(row) + "\n" for row in rows)
 
 
 def warn(message):
@@ -1792,8 +1762,7 @@ def char_tokenizer():
     tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
     tok.pre_tokenizer = pre_tokenizers.Split(Regex(r"[\s\S]"), behavior="isolated")
     tok.decoder = decoders.Fuse()
-    tok.post_processor = processors.TemplateProcessing(single="<s> $A",
-                                                       special_tokens=[("<s>", 0)])
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>",
                                    unk_token="<unk>",
                                    model_input_names=["input_ids", "attention_mask"])
