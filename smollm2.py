@@ -10,6 +10,7 @@ without running the package's __init__.
 
     python smollm2.py path                        # the .gguf file, for --model and --toy-model
     python smollm2.py data runs/arithmetic.jsonl  # 600 distinct problems, question and answer
+    python smollm2.py prompts                     # the system prompts, on training problems
     python smollm2.py policy                      # P(T) and entropy per step, before training
     python smollm2.py lr                          # the toy's learning rate, by a fixed rule
     python smollm2.py table1 --out runs/table1-smollm2 --lr LR   # Table 1, SmolLM2 policy
@@ -74,6 +75,39 @@ def final_number(completion, reference):
 def write_jsonl(path, rows):
     os.makedirs(os.path.dirname(path) or ".", exist_ok=True)
     lgrpo.write_atomically(path, "".join(json.dumps(row) + "\n" for row in rows))
+
+
+# The system prompts compared in docs/smollm2.md: the study's, a plain one, the authors'.
+PROMPTS = [SYSTEM_PROMPT, "Answer with the number only.",
+           "Let's think step by step and output the final answer within \\boxed{}."]
+
+
+@torch.no_grad()
+def prompt_stats(model, problems, prompts, seed=0):
+    """Per system prompt, a training step's rollouts of `problems` (train's defaults: group 6,
+    temperature 0.75; 32 new tokens) scored by final_number: the share right, of groups with
+    signal (not all equal), of truncated completions; the mean length; the intermediate
+    proportion. Each prompt samples from the same seed."""
+    args = lgrpo.build_parser().parse_args(["train", "--model", model, "--dataset", "-",
+                                            "--max-new-tokens", "32"])
+    policy, _, tokenizer, _ = lgrpo.setup_training(args, torch.device("cpu"), resume_from=None)
+    eos_ids, G = lgrpo.eos_token_ids(tokenizer, policy), args.group_size
+    rows = []
+    for prompt in prompts:
+        lgrpo.seed_everything(seed)
+        enc = lgrpo.encode_prompts(tokenizer, [p["question"] for p in problems], prompt,
+                                   policy.device)
+        completion_ids, mask, truncated = lgrpo.rollout(args, policy, tokenizer, enc, eos_ids)
+        texts = lgrpo.decode_completions(tokenizer, completion_ids, mask)
+        rewards = torch.tensor([final_number(text, p["answer"]) for text, p in
+                                zip(texts, [p for p in problems for _ in range(G)])])
+        rows.append({"prompt": prompt, "right": rewards.mean().item(),
+                     "signal": (rewards.view(-1, G).std(1) > 0).double().mean().item(),
+                     "truncated": truncated.double().mean().item(),
+                     "length": mask.sum(1).double().mean().item(),
+                     "intermediate_prop": lgrpo.trie_stats(completion_ids, mask,
+                                                           G)["intermediate_prop"]})
+    return rows
 
 
 # ──────────────────────────────────────────────────────────────────────────────────────────────
@@ -359,6 +393,9 @@ def build_parser():
     data.add_argument("out", help="the .jsonl file to write")
     data.add_argument("--count", type=PROBLEMS, default=600, help="how many problems")
     data.add_argument("--seed", type=lgrpo.NATURAL, default=0, help="the shuffle's seed")
+    prompts = sub.add_parser("prompts", help="compare the system prompts on training problems")
+    prompts.add_argument("--problems", type=PROBLEMS, default=24,
+                         help="the first N problems of `data`")
     policy = sub.add_parser("policy", help="P(T) and entropy per step before training")
     policy.add_argument("--seeds", type=lgrpo.COUNT, default=5, help="seeds 0 … N-1")
     lr = sub.add_parser("lr", help="the toy's learning rate for SmolLM2, by the fixed rule")
@@ -388,7 +425,7 @@ def main(argv=None):
     if rest and args.command not in ("table1", "table2"):
         parser.error(f"unrecognized arguments: {' '.join(rest)}")
     path = gguf_path()
-    needs_model = args.command in ("path", "policy", "lr") or (
+    needs_model = args.command in ("path", "prompts", "policy", "lr") or (
         args.command == "table1" and "--toy-model" not in rest) or (
         args.command == "table2" and not args.model)
     if needs_model and path is None:
@@ -399,6 +436,11 @@ def main(argv=None):
     elif args.command == "data":
         write_jsonl(args.out, arithmetic_problems(args.count, args.seed))
         print(f"wrote {args.count} problems to {args.out}")
+    elif args.command == "prompts":
+        print("right  signal  truncated  length  intermediate  system prompt")
+        for row in prompt_stats(path, arithmetic_problems(args.problems), PROMPTS):
+            print(f"{row['right']:5.3f}  {row['signal']:6.2f}  {row['truncated']:9.2f}  "
+                  f"{row['length']:6.1f}  {row['intermediate_prop']:12.2f}  {row['prompt']}")
     elif args.command == "policy":
         for name, model in (("random 1-layer GPT-2", None), ("SmolLM2-135M-Instruct", path)):
             for row in policy_stats(model, range(args.seeds)):

@@ -3956,10 +3956,31 @@ def test_path_distribution_against_sampling_by_hand():
     assert all(abs(h - e) < 1e-6 for h, e in zip(entropy, expected_entropy))
 
 
+def test_prompt_stats_count_what_final_number_paid(smol, monkeypatch):
+    # The statistics against a slow recount of every reward final_number gave, and the same
+    # seed for each prompt: a prompt measured twice gives the same row.
+    paid = []
+
+    def even_length(text, reference):  # pays about half of the completions, recorded
+        paid.append(float(len(text) % 2 == 0))
+        return paid[-1]
+
+    monkeypatch.setattr(smollm2, "final_number", even_length)
+    problems = smollm2.arithmetic_problems(3)
+    rows = smollm2.prompt_stats(str(smol.folder), problems, [smollm2.SYSTEM_PROMPT] * 2)
+    assert rows[0] == rows[1] and len(paid) == 2 * 3 * 6
+    first = paid[:18]
+    assert rows[0]["right"] == pytest.approx(sum(first) / 18)
+    groups = [first[i:i + 6] for i in range(0, 18, 6)]
+    assert rows[0]["signal"] == pytest.approx(sum(len(set(g)) > 1 for g in groups) / 3)
+    assert 0 <= rows[0]["truncated"] <= 1 and 1 <= rows[0]["length"] <= 32
+
+
 @pytest.mark.parametrize("argv, flag", [
     (["data", "x.jsonl", "--count", 0], "--count"),
     (["data", "x.jsonl", "--count", 801], "--count"),
     (["policy", "--seeds", 0], "--seeds"), (["lr", "--grid", 0], "--grid"),
+    (["prompts", "--problems", 0], "--problems"),
     (["table2", "--out", "x", "--seeds", 0], "--seeds"),
     (["table2", "--out", "x", "--steps", -1], "--steps"),
     (["path", "--lr", 1], "--lr"),  # only the tables pass flags on to lgrpo.py
