@@ -696,6 +696,8 @@ def toy_sweep(args, run=toy_job):
     if workers > 1:
         with multiprocessing.get_context("spawn").Pool(workers) as pool:
             runs = list(tqdm(pool.imap(run, jobs), total=len(jobs), desc="toy runs"))
+            pool.close()  # workers exit on their own, releasing their locks (terminate leaks them)
+            pool.join()
     else:  # the bar wraps the runs, so an error in one closes it before the error is printed
         runs = list(tqdm(map(run, jobs), total=len(jobs), desc="toy runs"))
     last = min(50, args.steps)

@@ -1589,6 +1589,14 @@ def test_a_toy_model_that_cannot_load_is_the_last_line_of_stderr(tmp_path, worke
     error = one_line_error(proc)
     assert "--toy-model" in error and proc.stderr.strip().splitlines()[-1] == error
 
+def test_a_pretrained_toy_policy_in_two_workers_leaks_nothing_at_exit(tiny_llama):
+    # Workers that loaded a model hold a lock; a terminated pool left it for the resource
+    # tracker to report as leaked at exit. Warnings on, as a user sees them.
+    proc = run_cli("toy", "--toy-model", tiny_llama, "--device", "cpu", "--steps", 2, "--seeds", 1,
+                   "--n", 1, "--r-neg=-1", "--workers", 2, env={"PYTHONWARNINGS": "default"})
+    assert "Verdict" in proc.stdout and "leaked" not in proc.stderr
+
+
 # ================================================================================================
 # 7. Training an LLM: the CLI end to end on a tiny model
 # ================================================================================================
