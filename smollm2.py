@@ -287,17 +287,17 @@ def format_table2(summary):
         return f"{pair[0]:.{digits}f} ± {pair[1]:.{digits}f}" if pair[1] == pair[1] else (
             f"{pair[0]:.{digits}f}")
 
-    lines = [f"{'':24} {'GRPO':>17} {'λ-GRPO':>17}"]
+    lines = [f"{'':30} {'GRPO':>17} {'λ-GRPO':>17}"]
     for step_index, step in enumerate(summary["grpo"]["steps"]):
-        lines.append(f"{f'eval accuracy, step {step}':24} " + " ".join(
+        lines.append(f"{f'eval accuracy, step {step}':30} " + " ".join(
             f"{cell(summary[loss]['accuracy'][step_index]):>17}" for loss in ("grpo", "lambda")))
     for key, name, digits in (("peak", "peak eval accuracy", 3), ("peak_step", "step of the peak",
                                                                    1)):
-        lines.append(f"{name:24} " + " ".join(f"{cell(summary[loss][key], digits):>17}"
+        lines.append(f"{name:30} " + " ".join(f"{cell(summary[loss][key], digits):>17}"
                                               for loss in ("grpo", "lambda")))
     for key in ("reward_mean", "intermediate_prop", "path_depth"):
         for part in ("first", "last"):
-            lines.append(f"{f'{key}, {part} steps':24} " + " ".join(
+            lines.append(f"{f'{key}, {part} steps':30} " + " ".join(
                 f"{cell(summary[loss][f'{key}_{part}']):>17}" for loss in ("grpo", "lambda")))
     difference = summary["difference"]
     lines.append(f"λ-GRPO − GRPO, paired by seed: peak {cell(difference['peak'])}, step of the "
