@@ -388,26 +388,27 @@ def build_parser():
         description="SmolLM2-135M-Instruct from PyPI: its file, its problems, the paper's "
         "experiments on it")
     sub = parser.add_subparsers(dest="command", required=True)
-    sub.add_parser("path", help="print the .gguf file's path")
-    data = sub.add_parser("data", help="write arithmetic problems as a .jsonl file")
+    add = functools.partial(sub.add_parser, formatter_class=lgrpo.DefaultsOnce)  # lgrpo's --help
+    add("path", help="print the .gguf file's path")
+    data = add("data", help="write arithmetic problems as a .jsonl file")
     data.add_argument("out", help="the .jsonl file to write")
     data.add_argument("--count", type=PROBLEMS, default=600, help="how many problems")
     data.add_argument("--seed", type=lgrpo.NATURAL, default=0, help="the shuffle's seed")
-    prompts = sub.add_parser("prompts", help="compare the system prompts on training problems")
+    prompts = add("prompts", help="compare the system prompts on training problems")
     prompts.add_argument("--problems", type=PROBLEMS, default=24,
                          help="the first N problems of `data`")
-    policy = sub.add_parser("policy", help="P(T) and entropy per step before training")
+    policy = add("policy", help="P(T) and entropy per step before training")
     policy.add_argument("--seeds", type=lgrpo.COUNT, default=5, help="seeds 0 … N-1")
-    lr = sub.add_parser("lr", help="the toy's learning rate for SmolLM2, by the fixed rule")
+    lr = add("lr", help="the toy's learning rate for SmolLM2, by the fixed rule")
     lr.add_argument("--grid", type=lgrpo.POSITIVE, nargs="+",
-                    default=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4])
+                    default=[1e-6, 3e-6, 1e-5, 3e-5, 1e-4], help="the rates it tries")
     lr.add_argument("--seeds", type=lgrpo.NATURAL, nargs="+", default=[100, 101, 102],
                     help="pilot seeds, none of the table's")
     # The tables pass every other flag on to lgrpo.py: no abbreviations, which would take them.
-    t1 = sub.add_parser("table1", allow_abbrev=False, help="the toy with SmolLM2 as the policy; "
+    t1 = add("table1", allow_abbrev=False, help="the toy with SmolLM2 as the policy; "
                         "other flags: python lgrpo.py toy's")
     t1.add_argument("--out", required=True, help="folder: table1.json, table1.png, kept/")
-    t2 = sub.add_parser("table2", allow_abbrev=False, help="GRPO against λ-GRPO on SmolLM2; "
+    t2 = add("table2", allow_abbrev=False, help="GRPO against λ-GRPO on SmolLM2; "
                         "other flags: python lgrpo.py train's, after the study's (TABLE2_TRAIN)")
     t2.add_argument("--out", required=True, help="folder: a run folder per loss and seed")
     t2.add_argument("--model", help="default: SmolLM2's .gguf file")
