@@ -207,6 +207,14 @@ def kept_run(folder, job):
     return run
 
 
+def seed_summary(curve, to_target, end):
+    """One seed of a toy run: its share of T over the last 50 steps and over all, the first step
+    that sampled T, its time to target and how it ends."""
+    first = next((step + 1 for step, share in enumerate(curve) if share), None)
+    return (f"{sum(curve[-50:]) / len(curve[-50:]):.4f} {sum(curve) / len(curve):.4f}, T first "
+            f"{first}, to T {to_target}, ends {end}")
+
+
 def table1(out, toy_argv):
     """lgrpo's toy sweep with each run kept in out/kept, its JSON and figure in out; then how
     often each method sampled T in the first 50 steps and ended elsewhere."""
@@ -214,6 +222,18 @@ def table1(out, toy_argv):
                                             "--plot", f"{out}/table1.png"])
     os.makedirs(f"{out}/kept", exist_ok=True)
     result = lgrpo.toy_sweep(args, run=functools.partial(kept_run, f"{out}/kept"))
+    print("\nPer seed, GRPO | λ-GRPO; then λ-GRPO − GRPO, paired by seed:")
+    for cell in result["cells"]:
+        for i in range(len(cell["grpo"]["curves"])):
+            print(f"n={cell['n']} seed {args.seed + i}: " + " | ".join(
+                seed_summary(cell[loss]["curves"][i], cell[loss]["time_to_target"][i],
+                             cell[loss]["outcomes"][i]) for loss in ("grpo", "lambda")))
+        for name, part in (("last 50", slice(-50, None)), ("all steps", slice(None))):
+            mean, half = lgrpo.mean_ci95([sum(lam[part]) / len(lam[part]) - sum(grpo[part]) /
+                                          len(grpo[part]) for grpo, lam in
+                                          zip(cell["grpo"]["curves"], cell["lambda"]["curves"])])
+            print(f"n={cell['n']} r_neg={cell['r_neg']}, share of T, {name}: {mean:+.4f} ± "
+                  f"{half:.4f}")
     print("\nSampled T in the first 50 steps, then ended on another kind of path (seeds):")
     for cell in result["cells"]:
         left = {loss: sum(any(c[:50]) and end != "T" for c, end in
@@ -248,9 +268,12 @@ def table2_runs(out, model, data, seeds, steps, train_argv):
         argv = ["train", "--model", model, "--dataset", data, "--loss", loss, "--seed", seed,
                 "--steps", steps, "--output-dir", folder, *train_argv]
         print(f"table2: {loss}, seed {seed}{' (resumed)' if resume else ''}", flush=True)
-        subprocess.run([sys.executable, "lgrpo.py", *map(str, argv),
-                        *(["--resume"] if resume else [])], check=True,
-                       cwd=os.path.dirname(os.path.abspath(lgrpo.__file__)))
+        done = subprocess.run([sys.executable, "lgrpo.py", *map(str, argv),
+                               *(["--resume"] if resume else [])],
+                              cwd=os.path.dirname(os.path.abspath(lgrpo.__file__)))
+        if done.returncode:
+            sys.exit(f"smollm2.py: error: the run in {folder} failed (its error is above); fix "
+                     "it and run the same command again: the runs that are done are kept.")
     return runs
 
 
@@ -361,6 +384,11 @@ def table2(args, train_argv):
     print(f"eval accuracy before training: {summary['base_accuracy']['mean']:.3f} ± "
           f"{summary['base_accuracy']['half_width']:.3f}")
     print(format_table2(summary))
+    for i, seed in enumerate(seeds):
+        print(f"seed {seed}: before {per_seed[i]:.3f}; peak (its step), last evaluation: " +
+              " | ".join(f"{lgrpo.LOSS_NAMES[loss]} {max(c):.3f} ({steps[c.index(max(c))]}), "
+                         f"{c[-1]:.3f}" for loss in ("grpo", "lambda")
+                         for c, steps in [(summary[loss]["per_seed"][i], summary[loss]["steps"])]))
     lgrpo.write_atomically(os.path.join(args.out, "table2.json"), json.dumps(summary, indent=1))
     plot_table2(summary, os.path.join(args.out, "table2.png"))
     lgrpo.plot_runs([runs[loss, s] for s in seeds for loss in ("grpo", "lambda")],
@@ -406,13 +434,14 @@ def build_parser():
                     help="pilot seeds, none of the table's")
     # The tables pass every other flag on to lgrpo.py: no abbreviations, which would take them.
     t1 = add("table1", allow_abbrev=False, help="the toy with SmolLM2 as the policy; "
-                        "other flags: python lgrpo.py toy's")
+             "other flags: python lgrpo.py toy's")
     t1.add_argument("--out", required=True, help="folder: table1.json, table1.png, kept/")
     t2 = add("table2", allow_abbrev=False, help="GRPO against λ-GRPO on SmolLM2; "
-                        "other flags: python lgrpo.py train's, after the study's (TABLE2_TRAIN)")
+             "other flags: python lgrpo.py train's, after the study's (TABLE2_TRAIN)")
     t2.add_argument("--out", required=True, help="folder: a run folder per loss and seed")
-    t2.add_argument("--model", help="default: SmolLM2's .gguf file")
-    t2.add_argument("--data", help="default: OUT/arithmetic.jsonl, written as `data` writes it")
+    t2.add_argument("--model", type=lgrpo.model_flag, help="default: SmolLM2's .gguf file")
+    t2.add_argument("--data", type=lgrpo.dataset_flag,
+                    help="default: OUT/arithmetic.jsonl, written as `data` writes it")
     t2.add_argument("--seeds", type=lgrpo.COUNT, default=3, help="seeds per loss")
     t2.add_argument("--seed", type=lgrpo.NATURAL, default=0, help="first seed")
     t2.add_argument("--steps", type=lgrpo.COUNT, default=40, help="steps per run")
@@ -458,9 +487,12 @@ def main(argv=None):
                if "--toy-model" not in rest else rest)
     elif args.command == "table2":
         args.model = args.model or path
-        args.data = args.data or os.path.join(args.out, "arithmetic.jsonl")
-        if not os.path.exists(args.data):
-            write_jsonl(args.data, arithmetic_problems())
+        lgrpo.build_parser().parse_args(["train", "--model", args.model, "--dataset",
+                                         args.data or "-", *TABLE2_TRAIN, *rest])  # bad: exit 2
+        if args.data is None:  # the study's problems, written once
+            args.data = os.path.join(args.out, "arithmetic.jsonl")
+            if not os.path.exists(args.data):
+                write_jsonl(args.data, arithmetic_problems())
         table2(args, [*TABLE2_TRAIN, *rest])
 
 

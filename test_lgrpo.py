@@ -3991,6 +3991,9 @@ def test_prompt_stats_count_what_final_number_paid(smol, monkeypatch):
     (["prompts", "--problems", 0], "--problems"),
     (["table2", "--out", "x", "--seeds", 0], "--seeds"),
     (["table2", "--out", "x", "--steps", -1], "--steps"),
+    (["table2", "--out", "x", "--data", "missing.jsonl"], "--data"),
+    (["table2", "--out", "x", "--model", "missing.gguf"], "--model"),
+    (["table2", "--out", "x", "--lr", -1], "--lr"),  # a train flag, passed on
     (["path", "--lr", 1], "--lr"),  # only the tables pass flags on to lgrpo.py
 ])
 def test_driver_flags_are_checked_before_anything_runs(tmp_path, monkeypatch, capsys, argv, flag):
@@ -4038,6 +4041,15 @@ def test_table1_driver_resumes_to_the_same_table(tiny_llama, tmp_path, monkeypat
     assert len(ran) == 2 + 2  # the two kept runs were read back, not run again
     whole, cut = (json.loads((tmp_path / d / "table1.json").read_text()) for d in ("whole", "cut"))
     assert whole["cells"] == cut["cells"] and is_png(tmp_path / "cut" / "table1.png")
+
+
+def test_a_table2_run_that_fails_ends_the_study_in_one_line(tiny_llama, tmp_path, capsys):
+    # The run's own error is printed by lgrpo.py; the driver adds one line, not a traceback.
+    with pytest.raises(SystemExit) as exit_info:
+        smollm2.main(["table2", "--out", tmp_path, "--model", tiny_llama, "--steps", 1,
+                      "--prompt-field", "nope", "--lora-r", 0])
+    assert "grpo-s0 failed" in str(exit_info.value.code)
+    assert not (tmp_path / "lambda-s0").exists()  # nothing after the failed run
 
 
 def test_table2_driver_resumes_to_the_same_table(tiny_llama, tmp_path):
